@@ -1,0 +1,130 @@
+"""Part 00: the CLI generated from Config, device/dtype choice, the estimator, the
+mixed-precision facts, and the measured summary."""
+import dataclasses
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, load, part_names, read_summary
+
+ALL = part_names(0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_cli_types_and_both_spellings(name):
+    mod = load(name)
+    fields = {f.name: f for f in dataclasses.fields(mod.Config)}
+    assert mod.parse_args([]) == mod.Config()  # no flags: the defaults
+    int_f = next(f for f in fields.values() if f.type is int)
+    float_f = next(f for f in fields.values() if f.type is float)
+    bool_f = next(f for f in fields.values() if f.type is bool)
+    str_f = next(f for f in fields.values() if f.type is str)
+    cfg = mod.parse_args([f"--{int_f.name}", "7", f"--{float_f.name}=0.5",
+                          f"--{bool_f.name}={not bool_f.default}", f"--{str_f.name}", "xyz"])
+    assert getattr(cfg, int_f.name) == 7 and isinstance(getattr(cfg, int_f.name), int)
+    assert getattr(cfg, float_f.name) == 0.5
+    assert getattr(cfg, bool_f.name) is (not bool_f.default)
+    assert getattr(cfg, str_f.name) == "xyz"
+    assert getattr(mod.parse_args([f"--{bool_f.name}"]), bool_f.name) is True  # bare flag
+    assert getattr(mod.parse_args([f"--{bool_f.name}", "false"]), bool_f.name) is False
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("args", [["--no_such_flag", "1"], ["--seed", "abc"],
+                                  ["--seed=1.5"], ["--device", "tpu"]])
+def test_bad_flags_exit_2_with_one_line(name, args):
+    path = ROOT / f"{name}.py"
+    r = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_device_and_dtype_choice_on_cpu(name):
+    mod = load(name)
+    if not torch.cuda.is_available():
+        assert mod.pick_device("auto") in ("cpu", "mps")
+        with pytest.raises(SystemExit) as e:
+            mod.pick_device("cuda")
+        assert e.value.code == 2
+        with pytest.raises(SystemExit):
+            mod.pick_dtype("float16", "cpu")  # fp16 needs CUDA
+    assert mod.pick_device("cpu") == "cpu"
+    assert mod.pick_dtype("auto", "cpu") == torch.float32
+    assert mod.pick_dtype("bfloat16", "cpu") == torch.bfloat16
+    with mod.autocast_ctx("cpu", torch.bfloat16):
+        assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.bfloat16
+    with mod.autocast_ctx("cpu", torch.float32):
+        assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_seed_repeats_random_streams(name):
+    mod = load(name)
+    mod.set_seed(3)
+    a = torch.randn(5)
+    mod.set_seed(3)
+    assert torch.equal(a, torch.randn(5))
+
+
+def test_estimator_against_hand_computation():
+    mod = load("part00")
+    # GPT-2 small: L=12, C=768, T=1024, V=50304
+    cfg = mod.Config(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304,
+                     batch_size=1, tokens=1e9)
+    est = mod.estimate_compute(cfg)
+    C, L, T, V = 768, 12, 1024, 50304
+    per_block = (2 * C) + (3 * C * C + 3 * C) + (C * C + C) + (2 * C) + (4 * C * C + 4 * C) + (4 * C * C + C)
+    n = V * C + T * C + L * per_block + 2 * C
+    assert est["params"] == n == 124_475_904
+    assert est["flops_per_token"] == 6 * (n - T * C) + 12 * L * C * T
+    assert est["train_flops"] == est["flops_per_token"] * 1e9
+    m32, m16 = est["memory"]["float32"], est["memory"]["bfloat16"]
+    assert m32["weights_gb"] == pytest.approx(4 * n / 1e9)
+    assert m16["weights_gb"] == pytest.approx(2 * n / 1e9)
+    assert m32["adamw_gb"] == m16["adamw_gb"] == pytest.approx(8 * n / 1e9)
+    act16 = L * T * C * (34 + 5 * 12 * T / C) + T * V * 4
+    assert m16["activations_gb"] == pytest.approx(act16 / 1e9)
+    # A given parameter count is used as it is, without the attention shape terms removed.
+    est7b = mod.estimate_compute(mod.Config(params=7e9, tokens=2e12))
+    assert est7b["params"] == 7e9 and est7b["train_flops"] > 6 * 7e9 * 2e12
+
+
+def test_mixed_precision_claims():
+    facts = load("part00").mixed_precision_demo("cpu")
+    assert math.isinf(facts["fp16_70000"])  # fp16 overflows above 65504 ...
+    assert facts["bf16_70000"] == pytest.approx(70000, rel=0.01)  # ... bf16 does not
+    assert facts["fp16_1e-8"] == 0.0 and facts["bf16_1e-8"] == pytest.approx(1e-8, rel=0.01)
+    assert facts["fp16_grad"] == 0.0  # the fp16 gradient underflowed
+    assert facts["fp16_grad_scaled"] == pytest.approx(1e-8, rel=0.01)  # loss scaling saved it
+
+
+def test_main_writes_measured_summary(tmp_path):
+    mod = load("part00")
+    out = tmp_path / "p0"
+    mod.main(["--out_dir", str(out), "--bench_seconds", "0.02", "--compile_check", "false",
+              "--n_layer", "2", "--n_embd", "64", "--n_head", "2"])
+    s = read_summary(out)
+    for dtype in ("float32", "bfloat16"):
+        assert all(v > 0 for v in s["matmul_tflops"][dtype].values())
+    assert s["bandwidth_gbs"] > 0
+    est = s["estimate"]
+    # the time estimate is the FLOPs over the measured peak at the stated MFU
+    assert est["seconds"] == pytest.approx(est["train_flops"] / (est["peak_flops_measured"] * 0.4))
+    assert est["peak_flops_measured"] == pytest.approx(max(s["matmul_tflops"]["float32"].values()) * 1e12)
+    assert any("mm" in op for op in s["profile_top_ops"])  # the matmuls show up in the profile
+    assert s["environment"]["sdpa"]["math"] == "ok"
+
+
+def test_bad_values_exit_2(tmp_path):
+    mod = load("part00")
+    for args in (["--mfu", "0"], ["--n_embd", "10", "--n_head", "3"], ["--n_layer", "0"]):
+        with pytest.raises(SystemExit) as e:
+            mod.main(args + ["--out_dir", str(tmp_path)])
+        assert e.value.code == 2
