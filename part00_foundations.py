@@ -330,13 +330,12 @@ def time_op(fn, device, seconds):
     """Seconds per call of fn: warm up, then repeat until `seconds` of work have run."""
     fn()
     fn()  # warm-up: kernel selection, caches, lazy allocation
-    calls, elapsed = 0, 0.0
+    calls = 0
     with Timer(device) as t:
         while calls < 3 or time.perf_counter() - t._start < seconds:
             fn()
             calls += 1
-    elapsed = t.seconds  # the timer synchronizes: all queued calls are counted
-    return elapsed / calls
+    return t.seconds / calls  # the timer synchronizes: all queued calls are counted
 
 
 def measure_matmul(device, seconds, sizes=None):
