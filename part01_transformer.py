@@ -435,7 +435,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # (B, T, C) -> (B, T, vocab_size)
         loss = None
         if targets is not None:  # targets[b, t] is the token that follows idx[b, t]
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
 
@@ -480,6 +480,7 @@ def generate(model, idx, max_new_tokens):
 
 def attention_picture(model, ids, layer=0, head=0, n=16, png=None):
     """One head's attention weights over the first n tokens, as a printed table."""
+    n = min(n, len(ids), model.cfg.block_size)
     attn = model.h[layer].attn
     attn.record = True
     model.eval()
