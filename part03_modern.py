@@ -236,8 +236,6 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
-
-
 # ----------------------------------------------------------------------------------------
 # 2.1 Tokenizer: text <-> bytes
 # ----------------------------------------------------------------------------------------
@@ -263,12 +261,16 @@ def download(url, dest):
     """Stream `url` to `dest` through a temp file, so an interrupted download leaves nothing."""
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     tmp = dest + ".tmp"
-    with requests.get(url, stream=True, timeout=(10, 60)) as r:
-        r.raise_for_status()
-        with open(tmp, "wb") as f:
-            for chunk in r.iter_content(chunk_size=1 << 20):
-                f.write(chunk)
-    os.replace(tmp, dest)
+    try:
+        with requests.get(url, stream=True, timeout=(10, 60)) as r:
+            r.raise_for_status()
+            with open(tmp, "wb") as f:
+                for chunk in r.iter_content(chunk_size=1 << 20):
+                    f.write(chunk)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def offline_corpus():
@@ -281,7 +283,9 @@ def load_text(cfg):
     """Resolve --data to (text, name of what was used). Bad input ends the run (exit 2)."""
     spec = cfg.data
     if spec.startswith(("http://", "https://")):
-        dest = os.path.join(cfg.data_dir, os.path.basename(spec.split("?")[0]) or "download.txt")
+        # one file per URL: two URLs ending in the same name must not share a cache
+        url_hash = hashlib.sha1(spec.encode()).hexdigest()[:10]
+        dest = os.path.join(cfg.data_dir, f"{url_hash}-{os.path.basename(spec.split('?')[0]) or 'download.txt'}")
         if spec == SHAKESPEARE_URL:
             dest = os.path.join(cfg.data_dir, "tinyshakespeare.txt")
         if not os.path.exists(dest):

@@ -1,0 +1,81 @@
+"""Run the milestone of each part with its default flags and print one table.
+
+  python bench/milestones.py --data ../shared/data/tinyshakespeare.txt            # parts 01-03
+  python bench/milestones.py --data ... --parts 02 03 --ablate                    # + part03's table
+
+Each part runs in its own process (as a user would run it) with --out_dir under
+out/bench/; the figures come from the summary.json each part writes. The table is printed
+and written to out/bench/milestones.json. Timings depend on the machine: say which.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = {  # part -> the summary keys that make its milestone
+    "00": ["matmul_tflops", "bandwidth_gbs"],
+    "01": ["final_loss", "steps", "exact_match", "wall_s"],
+    "02": ["val_loss", "val_bpb", "tokens_per_s", "steps", "wall_s"],
+    "03": ["val_loss", "val_bpb", "tokens_per_s", "steps", "kv_speedup", "wall_s"],
+}
+
+
+def run_part(part, extra, out_root):
+    script = next(ROOT.glob(f"part{part}_*.py"))
+    out_dir = out_root / f"part{part}" / ("ablate" if "--ablate" in extra else "default")
+    cmd = [sys.executable, str(script), "--out_dir", str(out_dir), *extra]
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(r.stdout[-2000:], r.stderr[-2000:])
+        raise SystemExit(f"part{part} failed with exit status {r.returncode}")
+    summary = json.loads((out_dir / "summary.json").read_text())
+    summary["process_s"] = time.perf_counter() - t0
+    return summary
+
+
+def fmt(v):
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if isinstance(v, dict):
+        return json.dumps({k: round(x, 3) if isinstance(x, float) else x for k, x in v.items()})
+    return str(v)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=None, help="--data passed to parts 02 and later")
+    ap.add_argument("--parts", nargs="+", default=["01", "02", "03"])
+    ap.add_argument("--ablate", action="store_true", help="also run part03 --ablate")
+    args = ap.parse_args()
+    out_root = ROOT / "out" / "bench"
+    data = ["--data", str(Path(args.data).resolve())] if args.data else []
+    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+               "python": platform.python_version(), "parts": {}}
+    for part in args.parts:
+        extra = data if int(part) >= 2 else []
+        results["parts"][part] = run_part(part, extra, out_root)
+    if args.ablate:
+        results["parts"]["03-ablate"] = run_part("03", data + ["--ablate"], out_root)
+
+    print(f"\n{'part':<10} {'figure':<14} value")
+    for part, s in results["parts"].items():
+        for key in FIGURES.get(part[:2], []) + ["process_s"]:
+            if key in s and not (part.endswith("ablate") and key not in ("kv_speedup", "process_s")):
+                print(f"{part:<10} {key:<14} {fmt(s[key])}")
+        for row in s.get("ablation", []):
+            print(f"{part:<10} {row['name']:<20} params {row['params']:,}  {row['tokens_per_s']:,.0f} tok/s"
+                  f"  val {row['val_loss']:.4f} nats/byte = {row['val_bpb']:.3f} bpb")
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "milestones.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {out_root / 'milestones.json'}")
+
+
+if __name__ == "__main__":
+    main()
