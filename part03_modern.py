@@ -535,8 +535,8 @@ class KVCache:
             v = torch.cat([self.v[layer], v], dim=2)
             pos = torch.cat([self.pos[layer], pos])
         keep = slice(None)
-        if self.window > 0:  # no future query can see older entries (but the sink's)
-            keep = (pos < self.sink) | (pos > pos[-1] - self.window)
+        if self.window > 0:  # the next query (at pos[-1] + 1) sees no older entry but the sink's
+            keep = (pos < self.sink) | (pos > pos[-1] + 1 - self.window)
         self.k[layer], self.v[layer], self.pos[layer] = k[:, :, keep], v[:, :, keep], pos[keep]
         return k, v, pos
 
