@@ -587,8 +587,12 @@ def estimate_loss(model, splits, cfg, device, dtype):
 def save_checkpoint(path, ckpt):
     """Write to a temp file, then rename: a crash mid-save leaves the old checkpoint whole."""
     tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pos", "bias")
