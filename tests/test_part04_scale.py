@@ -1,0 +1,859 @@
+"""Part 04: scaling up. The BPE tokenizer (round trips on random Unicode, merges applied in
+rank order, training against a naive recount, JSON save/load, special tokens, bad files),
+gradient accumulation against one big batch, the warmup + cosine schedule, exact resume
+after Ctrl-C, atomic checkpoints, the checkpoint/summary/metrics contents, the vocabulary
+padded to a multiple of 64, two torchrun processes against one, and the FLOPs estimate."""
+import collections
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import regex
+import torch
+
+from conftest import ROOT, load, part_names, read_summary
+
+ALL = part_names(4)
+SPECIAL = "<|endoftext|>"
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------
+def expect_exit_2(capsys, fn, *args):
+    """fn(*args) must end with SystemExit(2) and exactly one stderr line 'error: ...'."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    return err[0]
+
+
+def write(path, content):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return str(path)
+
+
+UNICODE_EXTRA = ("\nh\u00e9llo w\u00f6rld \u65e5\u672c\u8a9e\u306e\u6587 \U0001F600\U0001F44D "
+                 "e\u0301 na\u00efve caf\u00e9 \u0416\u0443\u043a \u03b1\u03b2\u03b3 ") * 40
+
+
+def mixed_text(shakespeare):
+    """The first 50 kB of Shakespeare plus some non-ASCII text."""
+    return Path(shakespeare).read_text(encoding="utf-8")[:50_000] + UNICODE_EXTRA
+
+
+def small_corpus(tmp_path, shakespeare, n=40_000):
+    """A small training file: enough tokens for block_size 32 and a 90/10 split."""
+    return write(tmp_path / "corpus.txt", Path(shakespeare).read_text(encoding="utf-8")[:n])
+
+
+def flags(**kw):
+    """main() flags: a tiny CPU float32 run with a 300-token BPE (kw overrides any of it)."""
+    base = dict(device="cpu", dtype="float32", seed=0, tokenizer="bpe", vocab_size=300,
+                n_layer=1, n_embd=32, n_head=2, block_size=32, batch_size=4, max_steps=6,
+                eval_interval=3, eval_iters=2, log_interval=1, warmup_steps=2,
+                num_samples=1, max_new_tokens=8)
+    base.update(kw)
+    return [a for k, v in base.items() for a in (f"--{k}", str(v))]
+
+
+def run_flags(tmp_path, data, out="out", **kw):
+    return flags(data=data, data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / out), **kw)
+
+
+def read_metrics(out_dir):
+    return [json.loads(s) for s in Path(out_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out_dir):
+    return {d["step"]: d["train_loss"] for d in read_metrics(out_dir) if "train_loss" in d}
+
+
+def val_losses(out_dir):
+    return {d["step"]: d["val_loss"] for d in read_metrics(out_dir) if "val_loss" in d}
+
+
+def tiny_cfg(mod, **kw):
+    base = dict(device="cpu", dtype="float32", n_layer=1, n_head=2, n_embd=32, block_size=16,
+                vocab_size=300, dropout=0.0, batch_size=4, eval_iters=2, seed=0)
+    base.update(kw)
+    return mod.Config(**base)
+
+
+def randomize_(module, seed=0, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return module
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def random_strings(n, seed=0):
+    """Strings of emoji, NUL, combining marks, CJK, and any non-surrogate code point."""
+    rng = random.Random(seed)
+
+    def any_code_point():
+        while True:
+            cp = rng.randrange(0x110000)
+            if not 0xD800 <= cp <= 0xDFFF:  # surrogates cannot be encoded as UTF-8
+                return chr(cp)
+
+    pieces = [
+        lambda: chr(rng.randrange(0x20, 0x7F)),  # ASCII
+        lambda: rng.choice(["the", " the", "and", " of", "ing", "\n", "  ", "'s", "123"]),
+        lambda: "\x00",  # NUL
+        lambda: chr(rng.randrange(0x1F300, 0x1FAFF)),  # emoji
+        lambda: "\u200d",  # zero-width joiner
+        lambda: chr(rng.randrange(0x300, 0x370)),  # combining marks
+        lambda: chr(rng.randrange(0x4E00, 0x9FFF)),  # CJK
+        lambda: chr(rng.randrange(0x80, 0x800)),  # two-byte characters
+        any_code_point,
+    ]
+    fixed = ["", "\x00", "e\u0301", "\U0001F469\u200d\U0001F469\u200d\U0001F467", "\U0010FFFF",
+             "\ufeffBOM", "\r\n\t", "\u65e5\u672c\u8a9e", "\U0001F1EB\U0001F1F7", "a\x00b\x00",
+             "   ", "First Citizen:\nBefore we proceed", "it's 2024, isn't it?", "<|endoftext",
+             "endoftext|>", "<|", "|>", "<|endoftext|", "<|EndOfText|>", "< |endoftext|>"]
+    out = list(fixed)
+    while len(out) < n:
+        out.append("".join(rng.choice(pieces)() for _ in range(rng.randrange(1, 40))))
+    return out
+
+
+_TRAINED = {}
+
+
+def trained_bpe(mod, shakespeare, vocab_size=400):
+    """A tokenizer trained on mixed text (cached: training is deterministic)."""
+    key = (mod.__name__, vocab_size)
+    if key not in _TRAINED:
+        _TRAINED[key] = mod.BPETokenizer.train(mixed_text(shakespeare), vocab_size)
+    return _TRAINED[key]
+
+
+# ---------------------------------------------------------------------------------------
+# 4.1 BPE
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+def test_bpe_round_trips_random_unicode(name, shakespeare):
+    mod = load(name)
+    tok = trained_bpe(mod, shakespeare)
+    assert tok.vocab_size == 400 and len(tok.merges) == 400 - 256 - 1
+    sid = tok.special[SPECIAL]
+    strings = random_strings(1000, seed=4)
+    assert sum(any(ord(c) > 0xFFFF for c in s) for s in strings) > 200  # 4-byte characters
+    merged = 0
+    for s in strings:
+        ids = tok.encode(s)
+        assert all(isinstance(i, int) and 0 <= i < tok.vocab_size for i in ids), repr(s)
+        assert sid not in ids, repr(s)  # ordinary text never makes the special id
+        assert tok.decode(ids) == s, repr(s)
+        merged += len(ids) < len(s.encode("utf-8"))
+    assert merged > 200  # merges do fire on these strings: the round trip is not bytes only
+    text = mixed_text(shakespeare)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and len(ids) < 0.8 * len(text.encode("utf-8"))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bpe_applies_merges_in_rank_order(name):
+    mod = load(name)
+    ab_first = mod.BPETokenizer([(97, 98), (98, 99)], special_tokens=())  # ab -> 256, bc -> 257
+    assert ab_first.vocab_size == 258
+    assert ab_first.encode("abc") == [256, 99]  # not [97, 257]: the earlier merge wins
+    bc_first = mod.BPETokenizer([(98, 99), (97, 98)], special_tokens=())  # bc -> 256, ab -> 257
+    assert bc_first.encode("abc") == [97, 256]
+    assert ab_first.decode([256, 99]) == bc_first.decode([97, 256]) == "abc"
+    # merges build on merges; the lowest rank among the present pairs goes first each time
+    tok = mod.BPETokenizer([(97, 97), (256, 97), (98, 98), (256, 256)], special_tokens=())
+    assert tok.encode("aaa") == [257]  # aa -> 256, then (256, a) -> 257
+    assert tok.encode("aaaa") == [259]  # aa aa -> 256 256 -> 259
+    assert tok.encode("aaaaa") == [256, 257]  # 256 256 a: (256, a) ranks before (256, 256)
+    assert tok.encode("bbb") == [258, 98]
+    assert tok.decode([259, 97, 258]) == "aaaaabb" and tok.decode([256, 257]) == "aaaaa"
+    # a merge never crosses a pre-tokenization chunk boundary ("a" + " a" are two chunks)
+    assert tok.encode("a a") == [97, 32, 97]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bpe_training_gives_the_classic_merges(name):
+    """The textbook example: aaabdaaabac -> aa first (4 times), then ab, then (aa)(ab)."""
+    mod = load(name)
+    tok = mod.BPETokenizer.train("aaabdaaabac", 256 + 3, special_tokens=())
+    assert list(tok.merges.items()) == [((97, 97), 256), ((97, 98), 257), ((256, 257), 258)]
+    assert tok.encode("aaabdaaabac") == [258, 100, 258, 97, 99]
+    with_special = mod.BPETokenizer.train("aaabdaaabac", 256 + 3)  # one slot goes to the special
+    assert list(with_special.merges) == [(97, 97), (97, 98)]
+    assert with_special.special == {SPECIAL: 258} and with_special.vocab_size == 259
+
+
+def _naive_merge(ids, pair, new):
+    out, i = [], 0
+    while i < len(ids):
+        if ids[i:i + 2] == list(pair):
+            out.append(new)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def naive_bpe(text, n_merges, pattern):
+    """Reference BPE: recount every pair of every chunk after each merge; ties go to the
+    smallest pair."""
+    words = [list(c.encode("utf-8")) for c in regex.findall(pattern, text)]
+    merges = []
+    while len(merges) < n_merges:
+        counts = collections.Counter(p for w in words for p in zip(w, w[1:]))
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        words = [_naive_merge(w, best, 255 + len(merges)) for w in words]
+    return merges
+
+
+def naive_texts():
+    rng = random.Random(7)
+    texts = []
+    for alphabet, n in [("ab ", 600), ("aab c\n", 1500), ("abcd  \n\u00e9\u65e5", 2500),
+                        ("aaaaab ", 800), ("xy1234 .,'", 1200)]:
+        texts.append("".join(rng.choice(alphabet) for _ in range(n)))
+    texts.append("ab ab ab abc")  # fewer possible merges than asked for
+    texts.append("the cat sat on the mat; the hat? that cat! 2024 it's they're " * 5)
+    return texts
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("text_index", range(7))
+def test_bpe_training_matches_a_naive_recount(name, text_index):
+    mod = load(name)
+    text = naive_texts()[text_index]
+    n_merges = 80
+    tok = mod.BPETokenizer.train(text, 256 + n_merges + 1)
+    want = naive_bpe(text, n_merges, mod.GPT4_SPLIT)
+    assert list(tok.merges) == want
+    assert list(tok.merges.values()) == list(range(256, 256 + len(want)))  # id = 256 + rank
+    assert tok.vocab_size == 256 + len(want) + 1
+    assert tok.decode(tok.encode(text)) == text
+    if text_index < 5:
+        assert len(want) >= 60  # the random texts have pairs for many merges
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bpe_save_load_is_readable_json_and_gives_the_same_ids(name, shakespeare, tmp_path):
+    mod = load(name)
+    tok = trained_bpe(mod, shakespeare)
+    path = tmp_path / "tok.json"
+    tok.save(str(path))
+    with open(path) as f:
+        obj = json.load(f)  # plain, readable JSON
+    assert [tuple(p) for p in obj["merges"]] == list(tok.merges)  # in rank order
+    assert SPECIAL in obj["special_tokens"]
+    assert os.listdir(tmp_path) == ["tok.json"]  # no temp file left behind
+    again = mod.BPETokenizer.load(str(path))
+    assert again.vocab_size == tok.vocab_size and again.special == tok.special
+    assert again.name == tok.name
+    for s in random_strings(300, seed=5) + [mixed_text(shakespeare)[:5000], f"a{SPECIAL}b"]:
+        assert again.encode(s) == tok.encode(s), repr(s)
+    # another tokenizer has another name (the token caches are keyed by it)
+    assert mod.BPETokenizer.train(mixed_text(shakespeare), 380).name != tok.name
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_special_tokens_are_never_split_nor_made_from_text(name, shakespeare):
+    mod = load(name)
+    tok = trained_bpe(mod, shakespeare)
+    sid = tok.special[SPECIAL]
+    assert sid == tok.vocab_size - 1 and sid == 256 + len(tok.merges)
+    assert tok.encode(SPECIAL) == [sid]
+    assert tok.decode([sid]) == SPECIAL
+    for left, right in [("Hello", "World"), ("the end. ", "\nFirst"), ("", ""), (" ", " "),
+                        ("\u65e5", "\U0001F600"), ("<|", "|>")]:
+        text = left + SPECIAL + right
+        ids = tok.encode(text)
+        assert ids == tok.encode(left) + [sid] + tok.encode(right), repr(text)
+        assert tok.decode(ids) == text
+    twice = tok.encode(f"a{SPECIAL}{SPECIAL}b")
+    assert twice.count(sid) == 2
+    # allow_special=False: the same text as ordinary characters, never the special id
+    plain = tok.encode(f"Hello{SPECIAL}World", allow_special=False)
+    assert sid not in plain and len(plain) > 3
+    assert tok.decode(plain) == f"Hello{SPECIAL}World"
+    # a tokenizer trained on text full of the special string still keeps it whole
+    flooded = mod.BPETokenizer.train((f"doc one{SPECIAL}doc two{SPECIAL}") * 50, 320)
+    fid = flooded.special[SPECIAL]
+    assert flooded.encode(f"doc one{SPECIAL}") == flooded.encode("doc one") + [fid]
+    assert all(fid not in flooded.encode(s) for s in random_strings(200, seed=6))
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\xff garbage", b"{not json",
+                                     b"", b"[1, 2, 3]", b'{"merges": [[97, 98]]}',
+                                     b'{"merges": [[97]], "special_tokens": [], "pattern": "a"}',
+                                     b'{"merges": [[97, 5000]], "special_tokens": [], '
+                                     b'"pattern": "a"}'],
+                         ids=["binary", "truncated-json", "empty", "json-list", "no-specials",
+                              "one-id-merge", "unknown-id"])
+def test_loading_a_bad_tokenizer_file_exits_2(name, content, tmp_path, capsys):
+    mod = load(name)
+    path = write(tmp_path / "tok.json", content)
+    err = expect_exit_2(capsys, mod.BPETokenizer.load, path)
+    assert "tok.json" in err
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_tokenizer_file_with_a_bad_pattern_exits_2(name, tmp_path, capsys):
+    mod = load(name)
+    path = write(tmp_path / "tok.json", json.dumps({"type": "bpe", "pattern": "(",
+                                                    "special_tokens": [SPECIAL], "merges": []}))
+    expect_exit_2(capsys, mod.BPETokenizer.load, path)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_tokenizer_file_flag_with_a_bad_file_exits_2(name, shakespeare, tmp_path, capsys):
+    mod = load(name)
+    bad = write(tmp_path / "bad.json", '{"merges": [[97, 98], ')
+    data = small_corpus(tmp_path, shakespeare)
+    err = expect_exit_2(capsys, mod.main, run_flags(tmp_path, data, tokenizer_file=bad))
+    assert "bad.json" in err
+    out = tmp_path / "out"
+    assert not out.exists() or not {"ckpt.pt", "tokenizer.json", "summary.json"} & set(os.listdir(out))
+    missing = str(tmp_path / "missing.json")
+    err = expect_exit_2(capsys, mod.main, run_flags(tmp_path, data, tokenizer_file=missing))
+    assert "--tokenizer_file" in err
+
+
+# ---------------------------------------------------------------------------------------
+# Flags that cannot work
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("bad, word", [(dict(vocab_size=256), "--vocab_size"),
+                                       (dict(vocab_size=100), "--vocab_size"),
+                                       (dict(dtype="float16"), "float16"),
+                                       (dict(grad_accum=0), "--grad_accum"),
+                                       (dict(min_lr=1.0, learning_rate=0.1), "--min_lr")])
+def test_impossible_flags_exit_2_and_write_nothing(name, bad, word, shakespeare, tmp_path, capsys):
+    mod = load(name)
+    data = small_corpus(tmp_path, shakespeare)
+    err = expect_exit_2(capsys, mod.main, run_flags(tmp_path, data, **bad))
+    assert word in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# 4.2 Gradient accumulation
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+def test_two_half_batches_accumulate_to_the_full_batch_gradient(name):
+    mod = load(name)
+    cfg = tiny_cfg(mod)
+    torch.manual_seed(0)
+    model = randomize_(mod.GPT(cfg), scale=0.1)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, cfg.vocab_size, (8, cfg.block_size), generator=g)
+    y = torch.randint(0, cfg.vocab_size, (8, cfg.block_size), generator=g)
+    model.zero_grad()
+    model(x, y)[1].backward()
+    full = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for half in (slice(0, 4), slice(4, 8)):
+        (model(x[half], y[half])[1] / 2).backward()
+    for a, b in zip(full, (p.grad for p in model.parameters())):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+    assert max(a.abs().max().item() for a in full) > 1e-3  # gradients of some size: it bites
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_train_with_grad_accum_equals_one_double_batch(name, tmp_path, monkeypatch):
+    """train() with grad_accum=2 x batch_size 4 takes the same step as grad_accum=1 x 8 when
+    the micro-batches are the halves of the big batch: the same gradients, the same weights
+    after the step, the same logged loss."""
+    mod = load(name)
+    real = mod.get_batch
+    g = torch.Generator().manual_seed(3)
+    big_x = torch.randint(0, 300, (8, 16), generator=g)
+    big_y = torch.randint(0, 300, (8, 16), generator=g)
+    calls = []
+
+    def fixed_batches(data, batch_size, block_size, device, generator=None, shard=(0, 1)):
+        if generator is not None:  # estimate_loss: the real thing
+            return real(data, batch_size, block_size, device, generator, shard)
+        i = len(calls) % (8 // batch_size)
+        calls.append(batch_size)
+        rows = slice(i * batch_size, (i + 1) * batch_size)
+        return big_x[rows].clone(), big_y[rows].clone()
+
+    monkeypatch.setattr(mod, "get_batch", fixed_batches)
+    data = torch.randint(0, 300, (2000,), generator=g).numpy().astype("uint16")
+    results = {}
+    for accum, bs in [(2, 4), (1, 8)]:
+        calls.clear()
+        cfg = tiny_cfg(mod, batch_size=bs, grad_accum=accum, max_steps=1, warmup_steps=0,
+                       min_lr=1e-3, learning_rate=1e-3, grad_clip=0.0, eval_interval=100,
+                       out_dir=str(tmp_path / f"accum{accum}"))
+        os.makedirs(cfg.out_dir)
+        torch.manual_seed(0)
+        model = randomize_(mod.GPT(cfg), scale=0.1)
+        mod.train(model, data[:1800], data[1800:], cfg, "cpu", torch.float32)
+        assert calls == [bs] * accum
+        results[accum] = ([p.grad.clone() for p in model.parameters()],
+                          [p.detach().clone() for p in model.parameters()],
+                          train_losses(cfg.out_dir)[1])
+    (g2, w2, l2), (g1, w1, l1) = results[2], results[1]
+    for a, b in zip(g2, g1):  # the last step's gradients stay on the parameters
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+    for a, b in zip(w2, w1):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+    assert l2 == pytest.approx(l1, abs=1e-6)
+    torch.manual_seed(0)
+    init = list(randomize_(mod.GPT(tiny_cfg(mod)), scale=0.1).parameters())
+    assert max((a - b).abs().max().item() for a, b in zip(w1, init)) > 1e-4  # a step was taken
+
+
+# ---------------------------------------------------------------------------------------
+# 4.3 The learning-rate schedule
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+def test_warmup_then_cosine_schedule(name):
+    mod = load(name)
+    cfg = mod.Config(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    lr = lambda s: mod.get_lr(s, cfg)  # noqa: E731
+    assert lr(0) == 0.0
+    assert lr(1) == pytest.approx(1e-4, rel=1e-12)
+    assert lr(5) == pytest.approx(5e-4, rel=1e-12)  # linear warmup
+    assert lr(10) == pytest.approx(1e-3, rel=1e-12)  # warmup ends at the peak
+    assert lr(60) == pytest.approx((1e-3 + 1e-4) / 2, rel=1e-12)  # halfway down the cosine
+    assert lr(110) == pytest.approx(1e-4, rel=1e-12)  # min_lr at max_steps
+    assert lr(200) == pytest.approx(1e-4, rel=1e-12)  # and after
+    warm = [lr(s) for s in range(0, 11)]
+    assert all(a < b for a, b in zip(warm, warm[1:]))
+    decay = [lr(s) for s in range(10, 111)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))  # strictly decreasing after warmup
+    # a quarter of the way down: min + (max - min) * (1 + cos(pi/4)) / 2
+    assert lr(35) == pytest.approx(1e-4 + 9e-4 * (1 + math.cos(math.pi / 4)) / 2, rel=1e-12)
+    no_warmup = dataclasses.replace(cfg, warmup_steps=0)
+    assert mod.get_lr(1, no_warmup) == pytest.approx(
+        1e-4 + 9e-4 * (1 + math.cos(math.pi / 110)) / 2, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# 4.4 Exact resume, Ctrl-C, atomic checkpoints
+# ---------------------------------------------------------------------------------------
+RESUME = dict(max_steps=20, log_interval=1, eval_interval=5, ckpt_interval=1000, dropout=0.1,
+              warmup_steps=5)
+
+
+def interrupting(monkeypatch, mod, at_call):
+    """Patch mod.get_batch so that its at_call-th training call sends SIGINT to this process
+    (what Ctrl-C does); train's handler must be installed by then."""
+    real = mod.get_batch
+    calls = []
+
+    def get_batch(data, batch_size, block_size, device, generator=None, shard=(0, 1)):
+        if generator is None:
+            calls.append(1)
+            if len(calls) == at_call:
+                handler = signal.getsignal(signal.SIGINT)
+                assert handler not in (signal.default_int_handler, signal.SIG_DFL, None), \
+                    "train installed no SIGINT handler"
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(data, batch_size, block_size, device, generator, shard)
+
+    monkeypatch.setattr(mod, "get_batch", get_batch)
+    return calls
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_ctrl_c_saves_and_resume_continues_exactly(name, shakespeare, tmp_path, monkeypatch,
+                                                   capsys):
+    mod = load(name)
+    data = small_corpus(tmp_path, shakespeare)
+    a = mod.main(run_flags(tmp_path, data, out="a", **RESUME))
+    assert a["steps"] == 20
+    handler = signal.getsignal(signal.SIGINT)
+    # B: Ctrl-C during step 8
+    with monkeypatch.context() as m:
+        calls = interrupting(m, mod, at_call=8)
+        capsys.readouterr()
+        b = mod.main(run_flags(tmp_path, data, out="b", **RESUME))
+        out = capsys.readouterr().out
+    assert b is None
+    assert len(calls) == 8  # it stopped after finishing the step it was in
+    assert "Ctrl-C" in out and "stopped at step 8" in out and "--resume" in out
+    assert signal.getsignal(signal.SIGINT) is handler  # the old handler is back
+    bdir = tmp_path / "b"
+    assert not (bdir / "summary.json").exists()
+    ckpt = torch.load(bdir / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 8
+    assert max(train_losses(bdir)) == 8
+    # resume B: every step after the interruption has A's loss, exactly
+    capsys.readouterr()
+    resumed = mod.main(run_flags(tmp_path, data, out="b", resume=True, **RESUME))
+    assert "resuming" in capsys.readouterr().out
+    assert resumed["steps"] == 20
+    la, lb = train_losses(tmp_path / "a"), train_losses(bdir)
+    assert sorted(lb) == list(range(1, 21))
+    assert [lb[s] for s in range(9, 21)] == [la[s] for s in range(9, 21)]
+    assert [lb[s] for s in range(1, 9)] == [la[s] for s in range(1, 9)]  # the same seed
+    va, vb = val_losses(tmp_path / "a"), val_losses(bdir)
+    assert [vb[s] for s in (10, 15, 20)] == [va[s] for s in (10, 15, 20)]
+    assert resumed["final_val_loss"] == a["final_val_loss"]
+    lrs = {d["step"]: d["lr"] for d in read_metrics(bdir) if "lr" in d}
+    assert lrs == {d["step"]: d["lr"] for d in read_metrics(tmp_path / "a") if "lr" in d}
+    # the check bites: dropout and the random windows make steps differ from one another,
+    # and a resume that restarted the random streams would draw other batches
+    assert len({round(v, 6) for v in la.values()}) == 20
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_resume_without_a_checkpoint_exits_2(name, shakespeare, tmp_path, capsys):
+    mod = load(name)
+    data = small_corpus(tmp_path, shakespeare)
+    err = expect_exit_2(capsys, mod.main, run_flags(tmp_path, data, tokenizer="byte",
+                                                    vocab_size=256, resume=True))
+    assert "checkpoint" in err and "ckpt.pt" in err
+    # BPE: the run's tokenizer is missing too, and that is said first
+    err = expect_exit_2(capsys, mod.main, run_flags(tmp_path, data, out="bpe", resume=True))
+    assert "tokenizer" in err
+    for out in ("out", "bpe"):
+        assert not (tmp_path / out).exists() or os.listdir(tmp_path / out) == []
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("content", [b"not a checkpoint at all " * 50, b""],
+                         ids=["garbage", "empty"])
+def test_resume_with_a_corrupt_checkpoint_exits_2_and_keeps_it(name, content, shakespeare,
+                                                               tmp_path, capsys):
+    mod = load(name)
+    data = small_corpus(tmp_path, shakespeare)
+    out = tmp_path / "out"
+    write(out / "ckpt.pt", content)
+    err = expect_exit_2(capsys, mod.main, run_flags(tmp_path, data, tokenizer="byte",
+                                                    vocab_size=256, resume=True))
+    assert "ckpt.pt" in err
+    assert os.listdir(out) == ["ckpt.pt"] and (out / "ckpt.pt").read_bytes() == content
+
+
+def half_writing_save(real_save, error):
+    """A torch.save that writes the first half of the file, then fails (a full disk, a kill)."""
+    def save(obj, f, *args, **kwargs):
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        with open(f, "wb") as fh:
+            fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        raise error
+    return save
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_failed_save_leaves_the_old_checkpoint_whole(name, tmp_path, monkeypatch):
+    mod = load(name)
+    cfg = tiny_cfg(mod)
+    path = str(tmp_path / "ckpt.pt")
+    torch.manual_seed(0)
+    good = {"model": mod.GPT(cfg).state_dict(), "config": dataclasses.asdict(cfg), "step": 3,
+            "val_loss": 1.0}
+    mod.save_checkpoint(path, good)
+    before = Path(path).read_bytes()
+    monkeypatch.setattr(mod.torch, "save", half_writing_save(torch.save, OSError(28, "No space")))
+    newer = {**good, "step": 4, "model": randomize_(mod.GPT(cfg)).state_dict()}
+    with pytest.raises(OSError):
+        mod.save_checkpoint(path, newer)
+    monkeypatch.undo()
+    assert Path(path).read_bytes() == before
+    ckpt = mod.load_checkpoint(path, cfg, "cpu")
+    assert ckpt["step"] == 3
+    others = [f for f in os.listdir(tmp_path) if f != "ckpt.pt"]
+    assert len(others) <= 1  # at most the failed temp file, never a second "checkpoint"
+    for f in others:  # the half file really is half a file: the check bites
+        with pytest.raises(Exception):
+            torch.load(tmp_path / f, weights_only=True)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_save_failing_during_training_keeps_the_saved_run(name, shakespeare, tmp_path,
+                                                            monkeypatch, capsys):
+    mod = load(name)
+    data = small_corpus(tmp_path, shakespeare)
+    mod.main(run_flags(tmp_path, data, max_steps=4, eval_interval=2))
+    out = tmp_path / "out"
+    before = {f: (out / f).read_bytes() for f in ("ckpt.pt", "best.pt")}
+    handler = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(mod.torch, "save", half_writing_save(torch.save, KeyboardInterrupt()))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            mod.main(run_flags(tmp_path, data, max_steps=8, eval_interval=2, resume=True))
+    finally:
+        signal.signal(signal.SIGINT, handler)  # whatever train left installed
+        monkeypatch.undo()
+    for f, content in before.items():
+        assert (out / f).read_bytes() == content, f
+        ckpt = torch.load(out / f, map_location="cpu", weights_only=True)
+        assert ckpt["step"] in (2, 4)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_train_restores_the_sigint_handler_when_it_fails(name, shakespeare, tmp_path,
+                                                         monkeypatch):
+    mod = load(name)
+    data = small_corpus(tmp_path, shakespeare)
+    handler = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(mod.torch, "save", half_writing_save(torch.save, OSError(28, "No space")))
+    try:
+        with pytest.raises(OSError):
+            mod.main(run_flags(tmp_path, data, max_steps=2, eval_interval=1))
+        left = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        monkeypatch.undo()
+    assert left is handler
+
+
+# ---------------------------------------------------------------------------------------
+# What a run writes: ckpt.pt, best.pt, summary.json, metrics.jsonl, TensorBoard, loss.png
+# ---------------------------------------------------------------------------------------
+class FakeWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter (not installed in the tests)."""
+    made = []
+
+    def __init__(self, log_dir):
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        FakeWriter.made.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_run_writes_full_checkpoints_summary_and_metrics(name, shakespeare, tmp_path,
+                                                           monkeypatch, capsys):
+    mod = load(name)
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    FakeWriter.made.clear()
+    text = Path(shakespeare).read_text(encoding="utf-8")[:36_000] + UNICODE_EXTRA
+    data = write(tmp_path / "mixed.txt", text)  # the validation tenth is mostly non-ASCII
+    capsys.readouterr()
+    s = mod.main(run_flags(tmp_path, data, grad_accum=2, warmup_steps=4, max_steps=8,
+                           eval_interval=4, ckpt_interval=100, tensorboard=True))
+    stdout = capsys.readouterr().out
+    out = tmp_path / "out"
+    assert "effective batch 4 x 32 x 2 = 256 tokens per step" in stdout
+    # ckpt.pt: everything a resume needs
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "scaler", "config", "step", "best_val", "rng"} <= set(ckpt)
+    assert ckpt["step"] == 8 and ckpt["config"]["grad_accum"] == 2
+    assert ckpt["config"]["vocab_size"] == 300  # the tokenizer's vocabulary
+    assert isinstance(ckpt["scaler"], dict)
+    assert {"torch", "python", "numpy"} <= set(ckpt["rng"])
+    assert len(ckpt["optimizer"]["state"]) > 0
+    assert ckpt["best_val"] == pytest.approx(s["val_loss"])
+    # best.pt: the weights of the best evaluation
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert best["step"] in (4, 8) and best["val_loss"] == pytest.approx(s["val_loss"])
+    vals = val_losses(out)
+    assert sorted(vals) == [4, 8] and s["val_loss"] == pytest.approx(min(vals.values()))
+    assert vals[best["step"]] == pytest.approx(best["val_loss"])
+    assert not list(out.glob("*.tmp"))
+    # summary.json: part02's keys plus part04's
+    assert s == read_summary(out)
+    assert {"val_loss", "val_bpb", "train_loss", "tokens_per_s", "wall_s", "steps",
+            "data"} <= set(s)
+    assert s["mfu"] is None  # no peak FLOP/s for a CPU
+    assert s["tokenizer"].startswith("bpe300-") and s["vocab_size"] == 300
+    assert s["steps"] == 8 and s["world_size"] == 1
+    # bytes per token, measured on the validation text with the saved tokenizer
+    tok = mod.BPETokenizer.load(str(out / "tokenizer.json"))
+    assert tok.name == s["tokenizer"]
+    ids = tok.encode(text)
+    val_ids = ids[int(0.9 * len(ids)):]
+    val_text = tok.decode(val_ids)
+    assert len(val_text.encode("utf-8")) > 1.2 * len(val_text)  # bytes, not characters
+    want = len(val_text.encode("utf-8")) / len(val_ids)
+    assert s["bytes_per_token"] == pytest.approx(want, rel=1e-9) and s["bytes_per_token"] > 1.0
+    assert s["val_bpb"] == pytest.approx(s["val_loss"] / math.log(2) / s["bytes_per_token"],
+                                         rel=1e-9)
+    # metrics.jsonl: the learning rate rises through warmup, then decays
+    rows = [d for d in read_metrics(out) if "train_loss" in d]
+    assert [d["step"] for d in rows] == list(range(1, 9))
+    cfg = mod.Config(learning_rate=mod.Config.learning_rate, warmup_steps=4, max_steps=8)
+    lrs = [d["lr"] for d in rows]
+    assert lrs == pytest.approx([mod.get_lr(step, cfg) for step in range(1, 9)], rel=1e-12)
+    assert lrs[0] < lrs[1] < lrs[2] < lrs[3] and lrs[3] > lrs[4] > lrs[7]
+    assert all("mfu" in d and d["mfu"] is None for d in rows)
+    # TensorBoard got the same numbers
+    (w,) = FakeWriter.made
+    assert w.closed and Path(w.log_dir) == out / "tensorboard"
+    assert [(step, v) for tag, v, step in w.scalars if tag == "train/loss"] == \
+        [(d["step"], d["train_loss"]) for d in rows]
+    assert [step for tag, _, step in w.scalars if tag == "val/loss"] == [4, 8]
+    # loss.png when matplotlib is there, nothing (and no failure) when it is not
+    try:
+        import matplotlib  # noqa: F401
+        assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    except ImportError:
+        assert not (out / "loss.png").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# The vocabulary padded to a multiple of 64
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+def test_vocabulary_is_padded_to_a_multiple_of_64(name):
+    mod = load(name)
+    assert [mod.padded_vocab(v) for v in (1, 64, 65, 256, 257, 300, 320, 4096, 50257)] == \
+        [64, 64, 128, 256, 320, 320, 320, 4096, 50304]
+    for vocab, shape in [(300, dict()), (257, dict(pos="learned", norm="layernorm", mlp="gelu",
+                                                    bias=True)), (256, dict(n_kv_head=1))]:
+        cfg = tiny_cfg(mod, vocab_size=vocab, **shape)
+        model = mod.GPT(cfg)
+        rows = mod.padded_vocab(vocab)
+        assert model.wte.weight.shape == (rows, cfg.n_embd)
+        assert model.lm_head.weight is model.wte.weight  # still tied
+        n = mod.count_params(cfg.n_layer, cfg.n_embd, cfg.block_size, vocab,
+                             learned_pos=cfg.pos == "learned", bias=cfg.bias, n_head=cfg.n_head,
+                             n_kv_head=cfg.n_kv_head, mlp=cfg.mlp, norm=cfg.norm)
+        assert model.num_params() == n
+        assert n == mod.count_params(cfg.n_layer, cfg.n_embd, cfg.block_size, rows,
+                                     learned_pos=cfg.pos == "learned", bias=cfg.bias,
+                                     n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, mlp=cfg.mlp,
+                                     norm=cfg.norm)
+        assert model(torch.zeros(1, 4, dtype=torch.long))[0].shape == (1, 4, rows)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_never_returns_padding_ids(name, use_cache):
+    mod = load(name)
+    cfg = tiny_cfg(mod, vocab_size=300)
+    torch.manual_seed(0)
+    model = randomize_(mod.GPT(cfg), seed=1, scale=0.5).eval()
+    with torch.no_grad():
+        model.wte.weight[300:] *= 40  # the padding rows would win every argmax
+    start = torch.randint(0, 300, (8, 3), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = model(start)[0][:, -1]
+    assert (logits.argmax(-1) >= 300).float().mean() > 0.5  # the check bites
+    for kw in (dict(temperature=10.0), dict(temperature=0), dict(temperature=3.0, top_k=50),
+               dict(temperature=5.0, top_p=0.99)):
+        out = mod.generate(model, start, 40, generator=torch.Generator().manual_seed(3),
+                           use_cache=use_cache, **kw)
+        assert out.shape == (8, 43)
+        assert int(out.max()) < cfg.vocab_size, kw
+    wide = mod.generate(model, start, 40, temperature=10.0, use_cache=use_cache,
+                        generator=torch.Generator().manual_seed(4))
+    assert len(set(wide[:, 3:].flatten().tolist())) > 100  # high temperature: many ids drawn
+
+
+# ---------------------------------------------------------------------------------------
+# Distributed: two torchrun processes (gloo, CPU) against one
+# ---------------------------------------------------------------------------------------
+def torchrun(name, args, nproc=2, timeout=120):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           f"{name}.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+DDP_RUN = dict(batch_size=4, max_steps=6, eval_interval=3, log_interval=1, warmup_steps=2,
+               ckpt_interval=100)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_two_torchrun_processes_equal_one_process(name, shakespeare, tmp_path):
+    mod = load(name)
+    data = small_corpus(tmp_path, shakespeare)
+    r = torchrun(name, run_flags(tmp_path, data, out="ddp", **DDP_RUN))
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    single = mod.main(run_flags(tmp_path, data, out="one", **DDP_RUN))
+    ddp = read_summary(tmp_path / "ddp")
+    assert ddp["world_size"] == 2 and single["world_size"] == 1
+    assert ddp["steps"] == single["steps"] == 6
+    assert ddp["tokenizer"] == single["tokenizer"]
+    assert ddp["val_loss"] == pytest.approx(single["val_loss"], abs=1e-5)
+    assert ddp["final_val_loss"] == pytest.approx(single["final_val_loss"], abs=1e-5)
+    ld, ls = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "one")
+    assert sorted(ld) == sorted(ls) == list(range(1, 7))
+    for step in ls:
+        assert ld[step] == pytest.approx(ls[step], abs=1e-5), step
+    vd, vs = val_losses(tmp_path / "ddp"), val_losses(tmp_path / "one")
+    assert sorted(vd) == sorted(vs) == [3, 6]
+    for step in vs:
+        assert vd[step] == pytest.approx(vs[step], abs=1e-5), step
+    # the check bites: training moved the loss, so both runs took the same real steps
+    assert abs(ls[6] - ls[1]) > 1e-3
+    # rank 0 alone logs and saves: one metrics line per step, one set of files
+    assert len([d for d in read_metrics(tmp_path / "ddp") if "train_loss" in d]) == 6
+    assert r.stdout.count("eval     6") == 1
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_torchrun_batch_not_divisible_by_world_exits_2(name, shakespeare, tmp_path):
+    data = small_corpus(tmp_path, shakespeare)
+    r = torchrun(name, run_flags(tmp_path, data, out="ddp", **{**DDP_RUN, "batch_size": 3}))
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all("--batch_size 3" in line for line in errors), r.stderr[-3000:]
+    # rank 0 ended with status 2; the only traceback is the launcher's own report of it
+    assert re.search(r"rank\s*:\s*0\b.*?exitcode\s*:\s*2\b", r.stderr, re.S), r.stderr[-3000:]
+    assert r.stderr.count("Traceback (most recent call last)") <= 1
+    if "Traceback" in r.stderr:  # the launcher's ChildFailedError, after the workers' lines
+        tb = r.stderr.index("Traceback")
+        assert tb > max(r.stderr.rindex(e) for e in errors)
+        assert "ChildFailedError" in r.stderr[tb:]
+    assert not (tmp_path / "ddp" / "ckpt.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# FLOPs per token
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+def test_flops_per_token_is_6n_plus_attention(name):
+    mod = load(name)
+    L, C, T, V = 2, 32, 16, 300
+    cfg = tiny_cfg(mod, n_layer=L, n_embd=C, block_size=T, vocab_size=V, pos="learned",
+                   norm="layernorm", mlp="gelu", bias=True)
+    model = mod.GPT(cfg)
+    n = sum(p.numel() for name_, p in model.named_parameters() if not name_.startswith("wpe."))
+    assert n == model.num_params() - T * C
+    Vp = 320  # the padded vocabulary
+    by_hand = Vp * C + L * (12 * C * C + 13 * C) + 2 * C  # embeddings, blocks, final LayerNorm
+    assert n == by_hand
+    assert model.flops_per_token() == 6 * by_hand + 12 * L * C * T
+    rope = mod.GPT(tiny_cfg(mod, n_layer=L, n_embd=C, block_size=T, vocab_size=V, pos="rope"))
+    assert rope.flops_per_token() == 6 * rope.num_params() + 12 * L * C * T  # no table to drop
