@@ -93,7 +93,7 @@ class Config:
     flash: bool = True  # attention through F.scaled_dot_product_attention (false: written out)
     # training
     batch_size: int = 8  # sequences per step
-    max_steps: int = 2500  # optimizer steps
+    max_steps: int = 2000  # optimizer steps
     learning_rate: float = 2e-3  # AdamW learning rate
     weight_decay: float = 0.1  # AdamW weight decay, on matrices only
     beta1: float = 0.9  # AdamW beta1
