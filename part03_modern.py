@@ -516,27 +516,35 @@ class CausalSelfAttention(nn.Module):
 # 3.4 / 3.6 The KV cache -----------------------------------------------------------------------
 class KVCache:
     """The keys and values of every layer for the positions seen so far, so that each new
-    token computes only its own q, k, v. With window > 0 it is a rolling buffer: after each
-    step a layer keeps just the first `sink` positions and the last `window`, so memory stays
-    at sink + window entries however long the stream runs. Keys are stored already rotated
-    by RoPE at their absolute position, so nothing is recomputed when older entries leave."""
+    token computes only its own q, k, v. Full attention: buffers sized for max_len positions,
+    written in place (no copy of the past per token). With window > 0 it is a rolling
+    buffer: after each step a layer keeps just the first `sink` positions and the last
+    `window` - 1 (the next token makes `window`), so memory stays bounded however long the
+    stream runs. Keys are stored already rotated by RoPE at their absolute position, so
+    nothing is recomputed when older entries leave."""
 
-    def __init__(self, n_layer, window=0, sink=0):
-        self.window, self.sink = window, sink
+    def __init__(self, n_layer, max_len, window=0, sink=0):
+        self.max_len, self.window, self.sink = max_len, window, sink
         self.k = [None] * n_layer  # per layer: (B, n_kv_head, L, head_dim)
         self.v = [None] * n_layer
-        self.pos = [None] * n_layer  # per layer: (L,) absolute positions of the entries
+        self.pos = [None] * n_layer  # rolling buffer, per layer: (L,) absolute positions
         self.seen = 0  # tokens processed so far = the position of the next token
 
     def update(self, layer, k, v, pos):
-        """Append the new entries; return every key, value and position to attend to."""
+        """Store the new entries; return every key, value and position to attend to."""
+        if self.window == 0:
+            if self.k[layer] is None:  # (B, Hkv, max_len, hd), filled from the left
+                B, H, _, D = k.shape
+                self.k[layer], self.v[layer] = k.new_empty(B, H, self.max_len, D), v.new_empty(B, H, self.max_len, D)
+            end = self.seen + k.size(2)
+            self.k[layer][:, :, self.seen:end] = k
+            self.v[layer][:, :, self.seen:end] = v
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end], torch.arange(end, device=k.device)
         if self.k[layer] is not None:
             k = torch.cat([self.k[layer], k], dim=2)  # (B, Hkv, L, hd) + (B, Hkv, T, hd)
             v = torch.cat([self.v[layer], v], dim=2)
             pos = torch.cat([self.pos[layer], pos])
-        keep = slice(None)
-        if self.window > 0:  # the next query (at pos[-1] + 1) sees no older entry but the sink's
-            keep = (pos < self.sink) | (pos > pos[-1] + 1 - self.window)
+        keep = (pos < self.sink) | (pos > pos[-1] + 1 - self.window)  # what the next query can see
         self.k[layer], self.v[layer], self.pos[layer] = k[:, :, keep], v[:, :, keep], pos[keep]
         return k, v, pos
 
@@ -682,7 +690,7 @@ class GPT(nn.Module):
         return self.cfg.pos == "rope" and self.cfg.window > 0
 
     def new_cache(self):
-        return KVCache(self.cfg.n_layer, self.cfg.window, self.cfg.sink)
+        return KVCache(self.cfg.n_layer, self.cfg.block_size, self.cfg.window, self.cfg.sink)
 
     def rope(self, pos):
         if pos[-1] < self.rope_cos.size(0):  # the precomputed table covers the context
