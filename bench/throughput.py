@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -56,9 +55,6 @@ def measure(cfg, device, dtype, batch, steps, warmup, compile_model):
     tok_s = batch * cfg.block_size / (ms / 1e3)
     peak = p4.gpu_peak_flops(device)
     mfu = model.flops_per_token() * tok_s / peak if peak else None
-    del model, opt, run
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
     return {"batch": batch, "ms_per_iter": ms, "tokens_per_s": tok_s, "mfu": mfu}
 
 
@@ -82,6 +78,8 @@ def main():
     for batch in args.batches:
         try:
             rows.append(measure(cfg, device, dtype, batch, args.steps, args.warmup, compile_model))
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()  # the last model's memory, before the next batch size
         except torch.cuda.OutOfMemoryError:
             print(f"batch {batch}: out of memory")
             break

@@ -1,7 +1,9 @@
 """Shared test helpers: import part files by name, run their main() in a temp folder."""
 import importlib
 import json
+import random
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -37,3 +39,42 @@ def shakespeare():
 
 def read_summary(out_dir):
     return json.loads((Path(out_dir) / "summary.json").read_text())
+
+
+def unused_port():
+    """A port on 127.0.0.1 that nobody listens on (connecting to it is refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def random_strings(n, seed=0, extra=()):
+    """n strings for tokenizer round trips: a fixed set of hard cases (NUL, combining marks,
+    emoji sequences, BOM, CRLF, the largest code point) plus `extra`, then random mixes of
+    ASCII, common words, emoji, joiners, combining marks, CJK and any non-surrogate code point."""
+    rng = random.Random(seed)
+
+    def any_code_point():
+        while True:
+            cp = rng.randrange(0x110000)
+            if not 0xD800 <= cp <= 0xDFFF:  # surrogates cannot be encoded as UTF-8
+                return chr(cp)
+
+    pieces = [
+        lambda: chr(rng.randrange(0x20, 0x7F)),  # ASCII
+        lambda: rng.choice(["the", " the", "and", " of", "ing", "\n", "  ", "'s", "123"]),
+        lambda: "\x00",  # NUL
+        lambda: chr(rng.randrange(0x1F300, 0x1FAFF)),  # emoji
+        lambda: "\u200d",  # zero-width joiner (emoji sequences)
+        lambda: chr(rng.randrange(0x300, 0x370)),  # combining marks
+        lambda: chr(rng.randrange(0x4E00, 0x9FFF)),  # CJK
+        lambda: chr(rng.randrange(0x80, 0x800)),  # two-byte characters
+        lambda: chr(rng.choice([rng.randrange(0x800, 0xD800), rng.randrange(0xE000, 0x10000)])),
+        any_code_point,
+    ]
+    out = ["", "\x00", "e\u0301", "\U0001F469\u200d\U0001F469\u200d\U0001F467", "\U0010FFFF",
+           "\ufeffBOM", "\r\n\t", "\u65e5\u672c\u8a9e", "\U0001F1EB\U0001F1F7", "a\x00b\x00",
+           "   ", *extra]
+    while len(out) < n:
+        out.append("".join(rng.choice(pieces)() for _ in range(rng.randrange(1, 40))))
+    return out

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import random
-import socket
 import threading
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load, part_names, read_summary
+from conftest import load, part_names, random_strings, read_summary, unused_port
 
 ALL = part_names(2)
 LN256 = math.log(256)
@@ -120,13 +119,6 @@ def snapshot(out_dir):
     return {f: Path(out_dir, f).read_bytes() for f in sorted(os.listdir(out_dir))}
 
 
-def closed_port():
-    """A port on 127.0.0.1 nobody listens on: connecting is refused at once."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------------------
 # A local HTTP server (no network): files by path, hit counting, a truncated response
 # ---------------------------------------------------------------------------------------
@@ -173,33 +165,6 @@ def server(no_proxy):
 # ---------------------------------------------------------------------------------------
 # 2.1 The byte tokenizer
 # ---------------------------------------------------------------------------------------
-def random_strings(n, seed=0):
-    rng = random.Random(seed)
-
-    def any_code_point():
-        while True:
-            cp = rng.randrange(0x110000)
-            if not 0xD800 <= cp <= 0xDFFF:  # surrogates cannot be encoded as UTF-8
-                return chr(cp)
-
-    pieces = [
-        lambda: chr(rng.randrange(0x20, 0x7F)),  # ASCII
-        lambda: "\x00",  # NUL
-        lambda: chr(rng.randrange(0x1F300, 0x1FAFF)),  # emoji
-        lambda: "\u200d",  # zero-width joiner (emoji sequences)
-        lambda: chr(rng.randrange(0x300, 0x370)),  # combining marks
-        lambda: chr(rng.randrange(0x80, 0x800)),  # two-byte characters
-        lambda: chr(rng.choice([rng.randrange(0x800, 0xD800), rng.randrange(0xE000, 0x10000)])),
-        any_code_point,
-    ]
-    fixed = ["", "\x00", "e\u0301", "\U0001F469\u200d\U0001F469\u200d\U0001F467", "\U0010FFFF",
-             "\ufeffBOM", "\r\n\t", "日本語", "\U0001F1EB\U0001F1F7", "a\x00b\x00"]
-    out = list(fixed)
-    while len(out) < n:
-        out.append("".join(rng.choice(pieces)() for _ in range(rng.randrange(1, 40))))
-    return out
-
-
 @pytest.mark.parametrize("name", ALL)
 def test_byte_tokenizer_round_trips_random_unicode(name):
     mod = load(name)
@@ -660,7 +625,7 @@ BAD_DATA = {
     "too short": lambda tmp: write(tmp / "short.txt", "x" * (10 * (SHAPE["block_size"] + 1) - 1)),
     "folder without txt": lambda tmp: str((tmp / "notes").mkdir() or tmp / "notes"),
     "folder of non-txt": lambda tmp: str(Path(write(tmp / "docs" / "a.md", "text " * 200)).parent),
-    "unreachable url": lambda tmp: f"http://127.0.0.1:{closed_port()}/corpus.txt",
+    "unreachable url": lambda tmp: f"http://127.0.0.1:{unused_port()}/corpus.txt",
 }
 
 
@@ -744,7 +709,7 @@ def test_the_default_url_is_cached_as_tinyshakespeare(name, tmp_path, server, mo
 @pytest.mark.parametrize("name", ALL)
 def test_offline_falls_back_to_pydoc_topics(name, tmp_path, monkeypatch, capsys, no_proxy):
     mod = load(name)
-    url = f"http://127.0.0.1:{closed_port()}/input.txt"
+    url = f"http://127.0.0.1:{unused_port()}/input.txt"
     monkeypatch.setattr(mod, "SHAKESPEARE_URL", url)
     cfg = tiny_cfg(mod, tmp_path, data=url)
     capsys.readouterr()
@@ -767,7 +732,7 @@ def test_failed_download_of_another_url_exits_2_and_caches_nothing(name, tmp_pat
     err = expect_exit_2(capsys, mod.load_text, cfg)
     assert "missing.txt" in err and server.hits == ["/missing.txt"]
     assert not os.path.exists(cfg.data_dir) or os.listdir(cfg.data_dir) == []
-    closed = tiny_cfg(mod, tmp_path, data=f"http://127.0.0.1:{closed_port()}/x.txt")
+    closed = tiny_cfg(mod, tmp_path, data=f"http://127.0.0.1:{unused_port()}/x.txt")
     expect_exit_2(capsys, mod.load_text, closed)
     assert not os.path.exists(cfg.data_dir) or os.listdir(cfg.data_dir) == []
 

@@ -12,7 +12,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import types
@@ -22,7 +21,7 @@ import pytest
 import regex
 import torch
 
-from conftest import ROOT, load, part_names, read_summary
+from conftest import ROOT, load, part_names, random_strings, read_summary, unused_port
 
 ALL = part_names(4)
 SPECIAL = "<|endoftext|>"
@@ -107,41 +106,9 @@ def randomize_(module, seed=0, scale=0.3):
     return module
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def random_strings(n, seed=0):
-    """Strings of emoji, NUL, combining marks, CJK, and any non-surrogate code point."""
-    rng = random.Random(seed)
-
-    def any_code_point():
-        while True:
-            cp = rng.randrange(0x110000)
-            if not 0xD800 <= cp <= 0xDFFF:  # surrogates cannot be encoded as UTF-8
-                return chr(cp)
-
-    pieces = [
-        lambda: chr(rng.randrange(0x20, 0x7F)),  # ASCII
-        lambda: rng.choice(["the", " the", "and", " of", "ing", "\n", "  ", "'s", "123"]),
-        lambda: "\x00",  # NUL
-        lambda: chr(rng.randrange(0x1F300, 0x1FAFF)),  # emoji
-        lambda: "\u200d",  # zero-width joiner
-        lambda: chr(rng.randrange(0x300, 0x370)),  # combining marks
-        lambda: chr(rng.randrange(0x4E00, 0x9FFF)),  # CJK
-        lambda: chr(rng.randrange(0x80, 0x800)),  # two-byte characters
-        any_code_point,
-    ]
-    fixed = ["", "\x00", "e\u0301", "\U0001F469\u200d\U0001F469\u200d\U0001F467", "\U0010FFFF",
-             "\ufeffBOM", "\r\n\t", "\u65e5\u672c\u8a9e", "\U0001F1EB\U0001F1F7", "a\x00b\x00",
-             "   ", "First Citizen:\nBefore we proceed", "it's 2024, isn't it?", "<|endoftext",
-             "endoftext|>", "<|", "|>", "<|endoftext|", "<|EndOfText|>", "< |endoftext|>"]
-    out = list(fixed)
-    while len(out) < n:
-        out.append("".join(rng.choice(pieces)() for _ in range(rng.randrange(1, 40))))
-    return out
+# near misses of the special token, and ordinary text, beside conftest's hard cases
+NEAR_MISSES = ("First Citizen:\nBefore we proceed", "it's 2024, isn't it?", "<|endoftext", "endoftext|>",
+               "<|", "|>", "<|endoftext|", "<|EndOfText|>", "< |endoftext|>")
 
 
 _TRAINED = {}
@@ -164,7 +131,7 @@ def test_bpe_round_trips_random_unicode(name, shakespeare):
     tok = trained_bpe(mod, shakespeare)
     assert tok.vocab_size == 400 and len(tok.merges) == 400 - 256 - 1
     sid = tok.special[SPECIAL]
-    strings = random_strings(1000, seed=4)
+    strings = random_strings(1000, seed=4, extra=NEAR_MISSES)
     assert sum(any(ord(c) > 0xFFFF for c in s) for s in strings) > 200  # 4-byte characters
     merged = 0
     for s in strings:
@@ -279,7 +246,7 @@ def test_bpe_save_load_is_readable_json_and_gives_the_same_ids(name, shakespeare
     again = mod.BPETokenizer.load(str(path))
     assert again.vocab_size == tok.vocab_size and again.special == tok.special
     assert again.name == tok.name
-    for s in random_strings(300, seed=5) + [mixed_text(shakespeare)[:5000], f"a{SPECIAL}b"]:
+    for s in random_strings(300, seed=5, extra=NEAR_MISSES) + [mixed_text(shakespeare)[:5000], f"a{SPECIAL}b"]:
         assert again.encode(s) == tok.encode(s), repr(s)
     # another tokenizer has another name (the token caches are keyed by it)
     assert mod.BPETokenizer.train(mixed_text(shakespeare), 380).name != tok.name
@@ -309,7 +276,7 @@ def test_special_tokens_are_never_split_nor_made_from_text(name, shakespeare):
     flooded = mod.BPETokenizer.train((f"doc one{SPECIAL}doc two{SPECIAL}") * 50, 320)
     fid = flooded.special[SPECIAL]
     assert flooded.encode(f"doc one{SPECIAL}") == flooded.encode("doc one") + [fid]
-    assert all(fid not in flooded.encode(s) for s in random_strings(200, seed=6))
+    assert all(fid not in flooded.encode(s) for s in random_strings(200, seed=6, extra=NEAR_MISSES))
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -784,7 +751,7 @@ def torchrun(name, args, nproc=2, timeout=120):
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={unused_port()}",
            f"{name}.py", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
