@@ -17,7 +17,7 @@ ALL = part_names(1)
 
 # Part01's architecture, for later parts whose Config can change it (part03 made RMSNorm,
 # SwiGLU, GQA and sliding windows flags, with the modern stack as the default).
-PART01_ARCH = dict(norm="layernorm", mlp="gelu", n_kv_head=0, window=0, sink=0)
+PART01_ARCH = dict(norm="layernorm", mlp="gelu", n_kv_head=0, window=0, sink=0, n_experts=0)
 
 
 def tiny_cfg(mod, **kw):

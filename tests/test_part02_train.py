@@ -39,10 +39,11 @@ def tiny_cfg(mod, tmp_path, **kw):
 
 
 def byte_level(mod):
-    """Config fields that keep a later part on this part's byte-level setting (part04 adds
-    a BPE tokenizer and makes it the default)."""
+    """Config fields that keep a later part on this part's setting: byte tokens (part04
+    makes BPE the default) and dense MLPs (part05 makes Mixture-of-Experts the default)."""
     fields = {f.name for f in dataclasses.fields(mod.Config)}
-    return {"tokenizer": "byte"} if "tokenizer" in fields else {}
+    later = {"tokenizer": "byte", "n_experts": 0}
+    return {k: v for k, v in later.items() if k in fields}
 
 
 def cli(mod, **kw):

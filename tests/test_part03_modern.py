@@ -25,7 +25,8 @@ ARCHS = {
     "window_sink": dict(window=8, sink=2),  # RoPE: streams past block_size
     "window_learned": dict(pos="learned", window=5, sink=1),  # no RoPE: does not stream
 }
-MODERN = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=0, window=0, sink=0)
+MODERN = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=0, window=0, sink=0,
+              n_experts=0)
 
 
 def tiny_cfg(mod, **kw):

@@ -1,0 +1,1592 @@
+"""Part 05 - Mixture-of-Experts: routing, load balancing, dispatch, capacity.
+
+New in this part
+  5.1 Routing: a linear router kept in float32; top-k softmax gating (`--moe_top_k 1` Switch,
+      `--moe_top_k 2` Mixtral-style); the Switch load-balancing loss N * sum_i f_i * P_i
+      (`--aux_loss_coef`); the router z-loss (`--z_loss_coef`); or auxiliary-loss-free
+      balancing with a per-expert selection bias (`--balance bias`, DeepSeek-V3).
+  5.2 The MoE layer (`MoE`): SwiGLU experts held as stacked weights; assignments sorted by
+      expert so each expert runs once on a contiguous slice; outputs scattered back with
+      their gates by index_add_; `--capacity_factor` drops overflow (0 = dropless); shared
+      always-on experts (`--n_shared_experts`, DeepSeekMoE).
+  5.4 Hybrid models: MoE in every k-th block (`--moe_every`), dense MLPs elsewhere.
+  The default expert is the dense SwiGLU width split over top_k experts: a token's FLOPs
+  equal the dense model's while the parameters grow n_experts / top_k times.
+
+Run
+  python part05_moe.py                          # an 8-expert top-2 MoE GPT on a CPU
+  python part05_moe.py --compare                # the milestone: dense vs MoE, same active params
+  python part05_moe.py --moe_top_k 1 --capacity_factor 1.25 --balance bias
+
+Milestone: `--compare` trains a dense model and an MoE with the same active parameters per
+token for the same steps on the same data and seed, and prints total and active params,
+tokens/s, val loss and bpb, per-layer expert load (min and max share of assignments) and
+the dropped-assignment percentage. out/part05/summary.json: `compare` with `dense` and `moe`.
+"""
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import heapq
+import inspect
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import regex
+import requests
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+# ----------------------------------------------------------------------------------------
+# Config: every hyperparameter, with the defaults of the milestone run. One flag per field.
+# ----------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16 autocast where supported, else float32) | float32 | bfloat16 | float16
+    seed: int = 1337  # random seed: the same seed gives the same CPU run
+    out_dir: str = "out/part05"  # ckpt.pt, metrics.jsonl, summary.json, samples.txt
+    # data
+    data: str = SHAKESPEARE_URL  # a .txt file, a folder of .txt files, or an http(s) URL
+    data_dir: str = "data"  # where downloads and token caches are kept
+    tokenizer: str = "bpe"  # byte | bpe (trained on the training text, saved as out_dir/tokenizer.json)
+    tokenizer_file: str = ""  # use this saved BPE tokenizer (JSON) instead of training one
+    # model
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 128  # model width
+    block_size: int = 128  # context length in tokens (bytes here)
+    vocab_size: int = 4096  # BPE: vocabulary to train (256 bytes + merges + special tokens); byte: 256
+    pos: str = "rope"  # positions: learned | sinusoidal (added to the input) | rope (rotate q, k)
+    norm: str = "rmsnorm"  # layernorm | rmsnorm
+    mlp: str = "swiglu"  # gelu (4x, GELU) | swiglu (gated, same parameter count)
+    n_kv_head: int = 0  # key/value heads, grouped-query attention (0 = n_head: plain multi-head)
+    window: int = 0  # sliding-window attention: each query sees the last `window` positions (0 = all)
+    sink: int = 0  # with --window: the first `sink` positions stay visible to every query
+    bias: bool = False  # biases in Linear layers and LayerNorm
+    n_experts: int = 8  # routed experts in each MoE layer (0 = dense MLPs everywhere)
+    moe_top_k: int = 2  # experts per token: 1 = Switch, 2 = Mixtral-style (--top_k is sampling)
+    expert_hidden: int = 0  # hidden width of one expert (0 = the dense SwiGLU width / moe_top_k)
+    moe_every: int = 1  # MoE in every k-th block, dense MLPs in the others
+    n_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeekMoE)
+    capacity_factor: float = 0.0  # an expert takes <= cf * tokens * moe_top_k / n_experts (0 = dropless)
+    aux_loss_coef: float = 0.01  # weight of the Switch load-balancing loss
+    z_loss_coef: float = 0.001  # weight of the router z-loss
+    balance: str = "aux"  # aux (the auxiliary loss) | bias (auxiliary-loss-free, DeepSeek-V3)
+    bias_rate: float = 0.001  # --balance bias: step of the per-expert selection bias
+    dropout: float = 0.0  # dropout on embeddings, attention weights and residual branches
+    flash: bool = True  # attention through F.scaled_dot_product_attention (false: written out)
+    # training
+    batch_size: int = 8  # sequences per step
+    max_steps: int = 2000  # optimizer steps
+    learning_rate: float = 2e-3  # AdamW learning rate
+    weight_decay: float = 0.1  # AdamW weight decay, on matrices only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.99  # AdamW beta2
+    grad_clip: float = 1.0  # clip the gradient norm to this (0 = off)
+    eval_interval: int = 250  # evaluate (and checkpoint at a new best) every this many steps
+    eval_iters: int = 20  # batches per split in each evaluation
+    log_interval: int = 50  # print a progress line every this many steps
+    max_seconds: float = 0.0  # stop after this many seconds of training steps (0 = run max_steps)
+    grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
+    warmup_steps: int = 100  # linear learning-rate warmup
+    min_lr: float = 2e-4  # the cosine schedule decays to this at max_steps
+    ckpt_interval: int = 500  # save out_dir/ckpt.pt every this many steps (and at the end)
+    resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
+    tensorboard: bool = False  # also log to out_dir/tensorboard (needs the tensorboard package)
+    compile: str = "auto"  # torch.compile the model: auto (on for CUDA) | true | false
+    compare: bool = False  # the milestone: dense vs MoE with equal active parameters
+    # sampling
+    sample_only: bool = False  # load out_dir/ckpt.pt and sample, without training
+    prompt: str = ""  # text to continue; empty = start from a newline
+    num_samples: int = 2  # samples to print
+    max_new_tokens: int = 300  # tokens per sample
+    temperature: float = 0.8  # < 1 sharpens the distribution, > 1 flattens it; 0 = greedy
+    top_k: int = 0  # sample among the k most likely tokens only (0 = off)
+    top_p: float = 1.0  # sample from the smallest set with this much probability (1 = off)
+
+
+# ----------------------------------------------------------------------------------------
+# Utilities: errors, command line, device and dtype, autocast, seeding, timing
+# ----------------------------------------------------------------------------------------
+def die(msg):
+    """A user's mistake: one clear line on stderr, exit status 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message; we want one line
+        die(f"{self.prog}: {message}")
+
+
+def _str2bool(s):
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def _field_help(cls):
+    """name -> the comment written after the field in the class source."""
+    helps = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):\s*\w+\s*=.*?#\s*(.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def parse_args(argv=None, cls=Config):
+    """Flags generated from the Config fields: `--n_layer 4` and `--n_layer=4` both work."""
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+    parser = _Parser(description=doc[0] if doc else None,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = _field_help(cls)
+    for f in dataclasses.fields(cls):
+        kind = _str2bool if f.type is bool else f.type
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default,
+                            nargs="?" if f.type is bool else None,
+                            const=True if f.type is bool else None,
+                            metavar=f.type.__name__.upper(), help=helps.get(f.name, " "))
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def pick_device(name):
+    """'auto' picks cuda, then mps, then cpu; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            die(f"--device {name}: CUDA is not available on this machine (try --device cpu)")
+        index = name.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            die(f"--device {name}: no such GPU ({torch.cuda.device_count()} found)")
+        return name
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            die("--device mps: MPS is not available on this machine")
+        return name
+    if name == "cpu":
+        return name
+    die(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(name, device):
+    """The compute dtype of autocast. 'auto': bf16 where the GPU supports it, else float32."""
+    if name == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        die(f"--dtype {name!r}: expected auto, float32, bfloat16 or float16")
+    if name == "float16" and not device.startswith("cuda"):
+        die("--dtype float16 needs a CUDA device (use bfloat16 or float32 here)")
+    return DTYPES[name]
+
+
+def autocast_ctx(device, dtype):
+    """Mixed precision: matmuls run in `dtype`, weights and reductions stay float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def sync(device):
+    """Wait for queued GPU work, so that a timer measures the work and not its launch."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+class Timer:
+    """`with Timer(device) as t: ...` then `t.seconds`; synchronizes the device at both ends."""
+
+    def __init__(self, device="cpu"):
+        self.device, self.seconds = device, 0.0
+
+    def __enter__(self):
+        sync(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.seconds = time.perf_counter() - self._start
+
+
+def write_json(path, obj):
+    """Write atomically: a reader never sees half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+GPU_BF16_PEAK = [  # dense bf16 tensor-core FLOP/s from the vendors' data sheets
+    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("A100", 312e12), ("A10G", 70e12), ("A10", 125e12), ("L40S", 362e12), ("L4", 121e12),
+    ("4090", 165e12), ("3090", 71e12), ("V100", 125e12), ("T4", 65e12),
+]
+
+
+def gpu_peak_flops(device):
+    """The detected GPU's bf16 peak, for MFU; None where unknown (and on CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_BF16_PEAK if key in name), None)
+
+
+def setup_distributed():
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL with one GPU per
+    process where CUDA is available, gloo on CPUs. Returns (rank, world size, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, None
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return rank, world, f"cuda:{local_rank}"
+    dist.init_process_group("gloo")
+    return rank, world, "cpu"
+
+
+# ----------------------------------------------------------------------------------------
+# 2.1 Tokenizer: text <-> bytes
+# ----------------------------------------------------------------------------------------
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: 256 ids, nothing to train, every string representable.
+    A character outside ASCII takes 2-4 tokens."""
+
+    name = "byte"
+    vocab_size = 256
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        # A sampled id sequence may cut a multi-byte character: show U+FFFD, don't fail.
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+GPT4_SPLIT = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+              r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+
+
+class BPETokenizer:
+    """4.1 Byte-level BPE (GPT-2/GPT-4 style). Text is first cut into chunks by a regex
+    (words, numbers, punctuation, spaces: merges never cross a chunk boundary), each chunk
+    is UTF-8 bytes, and training repeatedly merges the most frequent adjacent pair of ids
+    into a new id. Special tokens such as <|endoftext|> get ids of their own and are never
+    split or produced by merges."""
+
+    def __init__(self, merges=(), special_tokens=(), pattern=GPT4_SPLIT):
+        identity = json.dumps([pattern, list(special_tokens), [list(p) for p in merges]])
+        self.name = f"bpe{256 + len(merges) + len(special_tokens)}-{hashlib.sha1(identity.encode()).hexdigest()[:8]}"
+        self.pattern = pattern
+        self.split = regex.compile(pattern)
+        self.merges = {tuple(pair): 256 + i for i, pair in enumerate(merges)}  # pair -> new id
+        self.vocab = {i: bytes([i]) for i in range(256)}  # id -> the bytes it stands for
+        for (a, b), new in self.merges.items():
+            self.vocab[new] = self.vocab[a] + self.vocab[b]
+        self.special = {tok: 256 + len(self.merges) + i for i, tok in enumerate(special_tokens)}
+        self.special_split = (regex.compile("(" + "|".join(map(regex.escape, self.special)) + ")")
+                              if self.special else None)
+        self._cache = {}  # chunk -> ids: real text repeats its chunks a lot
+
+    @property
+    def vocab_size(self):
+        return 256 + len(self.merges) + len(self.special)
+
+    @classmethod
+    def train(cls, text, vocab_size, special_tokens=("<|endoftext|>",), pattern=GPT4_SPLIT):
+        """Learn vocab_size - 256 - len(special_tokens) merges from text.
+
+        Pair counts are kept up to date incrementally: a merge only touches the unique
+        chunks that contain the merged pair, never the whole corpus. A heap with lazy
+        deletion finds the most frequent pair (ties: the smallest pair, for determinism)."""
+        n_merges = vocab_size - 256 - len(special_tokens)
+        counts = collections.Counter(regex.findall(pattern, text))
+        words = [list(w.encode("utf-8")) for w in counts]  # unique chunks as id lists
+        freq = list(counts.values())
+        pair_count = collections.Counter()
+        where = collections.defaultdict(set)  # pair -> indices of the words that hold it
+        for i, w in enumerate(words):
+            for pair in zip(w, w[1:]):
+                pair_count[pair] += freq[i]
+                where[pair].add(i)
+        heap = [(-c, pair) for pair, c in pair_count.items()]
+        heapq.heapify(heap)
+        merges = []
+        while len(merges) < n_merges and heap:
+            neg, pair = heapq.heappop(heap)
+            if pair_count.get(pair, 0) != -neg or neg == 0:
+                continue  # a stale entry: the count changed after it was pushed
+            new_id = 256 + len(merges)
+            merges.append(pair)
+            changed = set()
+            for i in where.pop(pair):
+                w, f = words[i], freq[i]
+                for p in zip(w, w[1:]):  # take the word's old pairs out ...
+                    pair_count[p] -= f
+                    changed.add(p)
+                words[i] = w = _merge(w, pair, new_id)
+                for p in zip(w, w[1:]):  # ... and put its new pairs in
+                    pair_count[p] += f
+                    where[p].add(i)
+                    changed.add(p)
+            del pair_count[pair]
+            for p in changed:
+                if pair_count.get(p, 0) > 0:
+                    heapq.heappush(heap, (-pair_count[p], p))
+        return cls(merges, special_tokens, pattern)
+
+    def _encode_chunk(self, chunk):
+        ids = self._cache.get(chunk)
+        if ids is None:
+            ids = list(chunk.encode("utf-8"))
+            while len(ids) > 1:  # merge the pair learned earliest, as training did
+                pair = min(zip(ids, ids[1:]), key=lambda p: self.merges.get(p, math.inf))
+                if pair not in self.merges:
+                    break
+                ids = _merge(ids, pair, self.merges[pair])
+            self._cache[chunk] = ids
+        return ids
+
+    def encode(self, text, allow_special=True):
+        """Text -> ids. With allow_special, a special token's text becomes its one id."""
+        parts = self.special_split.split(text) if allow_special and self.special_split else [text]
+        ids = []
+        for part in parts:
+            if part in self.special and allow_special:
+                ids.append(self.special[part])
+                continue
+            for chunk in self.split.findall(part):
+                ids.extend(self._encode_chunk(chunk))
+        return ids
+
+    def decode(self, ids):
+        inverse = {i: tok.encode("utf-8") for tok, i in self.special.items()}
+        data = b"".join(self.vocab[i] if i in self.vocab else inverse.get(i, b"") for i in ids)
+        return data.decode("utf-8", errors="replace")
+
+    def save(self, path):
+        """Readable JSON: the merges in rank order and the special tokens."""
+        obj = {"type": "bpe", "pattern": self.pattern, "special_tokens": list(self.special),
+               "merges": [list(p) for p in self.merges]}
+        tmp = f"{path}.{os.getpid()}.tmp"  # torchrun: every rank may write it
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with open(path) as f:
+                obj = json.load(f)
+            return cls([tuple(p) for p in obj["merges"]], obj["special_tokens"], obj["pattern"])
+        except (OSError, ValueError, KeyError, TypeError, regex.error) as e:
+            die(f"{path} is not a BPE tokenizer file ({type(e).__name__}: {e})")
+
+
+def _merge(ids, pair, new_id):
+    """Replace every occurrence of `pair` in ids by new_id, left to right."""
+    out, i, a, b = [], 0, pair[0], pair[1]
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == a and ids[i + 1] == b:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# 2.2 Data: a file, a folder or a URL -> cached token ids -> random training windows
+# ----------------------------------------------------------------------------------------
+def download(url, dest):
+    """Stream `url` to `dest` through a temp file, so an interrupted download leaves nothing."""
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    tmp = dest + ".tmp"
+    try:
+        with requests.get(url, stream=True, timeout=(10, 60)) as r:
+            r.raise_for_status()
+            with open(tmp, "wb") as f:
+                for chunk in r.iter_content(chunk_size=1 << 20):
+                    f.write(chunk)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def offline_corpus():
+    """Text every CPython ships: the help topics of pydoc (about 0.5 MB of English)."""
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def load_text(cfg):
+    """Resolve --data to (text, name of what was used). Bad input ends the run (exit 2)."""
+    spec = cfg.data
+    if spec.startswith(("http://", "https://")):
+        # one file per URL: two URLs ending in the same name must not share a cache
+        url_hash = hashlib.sha1(spec.encode()).hexdigest()[:10]
+        dest = os.path.join(cfg.data_dir, f"{url_hash}-{os.path.basename(spec.split('?')[0]) or 'download.txt'}")
+        if spec == SHAKESPEARE_URL:
+            dest = os.path.join(cfg.data_dir, "tinyshakespeare.txt")
+        if not os.path.exists(dest):
+            print(f"downloading {spec} -> {dest}")
+            try:
+                download(spec, dest)
+            except (requests.RequestException, OSError) as e:
+                if spec != SHAKESPEARE_URL:
+                    die(f"--data {spec}: download failed ({type(e).__name__})")
+                print(f"download failed ({type(e).__name__}); using the offline corpus "
+                      "pydoc_data.topics instead")
+                return offline_corpus(), "pydoc_data.topics"
+        spec = dest
+    if os.path.isdir(spec):
+        files = sorted(f for f in os.listdir(spec) if f.endswith(".txt"))
+        if not files:
+            die(f"--data {spec}: the folder holds no .txt file")
+        parts = []
+        for f in files:
+            with open(os.path.join(spec, f), encoding="utf-8", errors="replace") as fh:
+                parts.append(fh.read())
+        return "\n\n".join(parts), spec
+    if not os.path.isfile(spec):
+        die(f"--data {spec}: no such file or folder")
+    with open(spec, encoding="utf-8", errors="replace") as f:
+        return f.read(), spec
+
+
+def load_tokens(cfg, tokenizer, source=None):
+    """Token ids of --data as a numpy memmap, encoded once and cached in data_dir.
+    `source`: (text, name) when the caller already read --data."""
+    text, name = source or load_text(cfg)
+    key = hashlib.sha1(f"{tokenizer.name}:{len(text)}:".encode() + text.encode()).hexdigest()[:12]
+    dtype = np.uint8 if tokenizer.vocab_size <= 256 else np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    path = os.path.join(cfg.data_dir, f"tokens-{key}.{tokenizer.name}.bin")
+    if not os.path.exists(path):
+        ids = np.array(tokenizer.encode(text), dtype=dtype)
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"  # torchrun: every rank may write it
+        ids.tofile(tmp)
+        os.replace(tmp, path)
+    data = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
+    if len(data) < 10 * (cfg.block_size + 1):  # 10% of it must still hold one window
+        die(f"--data {name}: {len(data)} tokens is too short for --block_size {cfg.block_size} "
+            f"(at least {10 * (cfg.block_size + 1)} needed for a 90/10 split)")
+    return data, name
+
+
+def split_data(data):
+    """The first 90% trains, the last 10% validates."""
+    n = int(0.9 * len(data))
+    return data[:n], data[n:]
+
+
+def get_batch(data, batch_size, block_size, device, generator=None, shard=(0, 1)):
+    """batch_size random windows: x = data[i : i+T], y = data[i+1 : i+T+1] (the next tokens).
+    shard=(rank, world): every rank draws the same windows and keeps its 1/world of them,
+    so the ranks together see exactly the batch a single process would."""
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    rank, world = shard
+    ix = ix[rank * batch_size // world:(rank + 1) * batch_size // world]
+    offsets = ix.numpy()[:, None] + np.arange(block_size + 1)  # (B, T+1) positions
+    window = torch.from_numpy(data[offsets].astype(np.int64))  # (B, T+1), one gather
+    x, y = window[:, :-1], window[:, 1:]  # (B, T) each, y shifted by one
+    if device.startswith("cuda"):  # page-locked memory lets the copy overlap compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# ----------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------
+def count_params(n_layer, n_embd, block_size, vocab_size, learned_pos=True, bias=True,
+                 n_head=1, n_kv_head=0, mlp="gelu", norm="layernorm"):
+    """Parameters of `GPT`: the token embedding (vocabulary padded to a multiple of 64),
+    tied to the LM head, counts once; learned
+    positions add T*C (sinusoidal and rotary ones have no parameters). Per block:
+    attention q, k, v (C*(C + 2*kv) with kv = C*n_kv_head/n_head) and proj (C*C), plus
+    biases; MLP 8C^2 (+5C) for GELU, 3*C*h (+2h + C) for SwiGLU; two norms (LayerNorm 2C,
+    C without bias; RMSNorm C). With the defaults: 12C^2 + 13C, as in part01. A final norm."""
+    C = n_embd
+    kv = C * n_kv_head // n_head if n_kv_head else C
+    attn = C * (C + 2 * kv) + C * C + ((C + 2 * kv) + C if bias else 0)
+    if mlp == "swiglu":
+        h = swiglu_hidden(C)
+        ffn = 3 * C * h + (2 * h + C if bias else 0)
+    else:
+        ffn = 8 * C * C + (5 * C if bias else 0)
+    norm_params = C if norm == "rmsnorm" or not bias else 2 * C
+    pos = block_size * C if learned_pos else 0
+    return padded_vocab(vocab_size) * C + pos + n_layer * (attn + ffn + 2 * norm_params) + norm_params
+
+
+def padded_vocab(vocab_size):
+    """Round the vocabulary up to a multiple of 64: the LM-head matmul then tiles evenly on
+    GPUs (nanoGPT's 50257 -> 50304 is worth ~25%). The extra ids are never targets."""
+    return 64 * math.ceil(vocab_size / 64)
+
+
+# 1.1 Positional embeddings --------------------------------------------------------------
+def sinusoidal_table(T, C):
+    """(T, C) table: PE[p, 2i] = sin(p / 10000^(2i/C)), PE[p, 2i+1] = cos(same angle).
+    Each pair of columns is a rotation at its own frequency, so
+    PE[p] . PE[p+d] = sum_i cos(d * w_i): it depends on the distance d alone."""
+    pos = torch.arange(T, dtype=torch.float32)[:, None]  # (T, 1)
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, C, 2, dtype=torch.float32) / C)  # (C/2,)
+    table = torch.zeros(T, C)
+    table[:, 0::2] = torch.sin(pos * freq)  # (T, C/2)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table
+
+
+class SinusoidalPositions(nn.Module):
+    def __init__(self, block_size, n_embd):
+        super().__init__()
+        self.register_buffer("table", sinusoidal_table(block_size, n_embd), persistent=False)
+
+    def forward(self, pos):  # (T,) -> (T, C)
+        return self.table[pos]
+
+
+# 3.2 RoPE ---------------------------------------------------------------------------------
+def rope_angles(positions, head_dim, base=10000.0):
+    """cos and sin of the angles (T, head_dim/2): position p turns the feature pair
+    (i, i + head_dim/2) by p * base^(-2i/head_dim), fast for small i, slow for large i."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, 1) * (1, hd/2) -> (T, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each feature pair of x (B, H, T, hd) by its position's angle. A query at p and
+    a key at s then meet at angle (p - s): q.k depends on the distance alone, and no
+    position vector is ever added to the residual stream."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, hd/2) each: the two halves of each pair
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.type_as(x)
+
+
+
+# 1.3 A single attention head ------------------------------------------------------------
+def causal_mask(T, device=None):
+    """(T, T) bool, True where query i may attend to key j (j <= i)."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+
+def attention(q, k, v, mask, dropout=None):
+    """softmax(q k^T / sqrt(d)) v over the keys `mask` allows. q, k, v: (..., T, d)."""
+    att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (..., T, d) @ (..., d, T) -> (..., T, T)
+    att = att.masked_fill(~mask, float("-inf"))
+    att = torch.softmax(att.float(), dim=-1).to(q.dtype)  # softmax in float32 under autocast
+    if dropout is not None:
+        att = dropout(att)
+    return att @ v, att  # (..., T, T) @ (..., T, d) -> (..., T, d)
+
+
+# 3.5 Sliding window and attention sink ------------------------------------------------------
+def attention_mask(q_pos, k_pos, window=0, sink=0):
+    """(Tq, Tk) bool from absolute positions: query i sees key j when j <= i and either
+    j > i - window (the last `window` positions, itself included) or j < sink (the first
+    `sink` positions, which soak up attention a softmax must put somewhere).
+    window = 0: plain causal attention. One function serves training and the KV cache."""
+    q, k = q_pos[:, None], k_pos[None, :]  # (Tq, 1), (1, Tk)
+    allowed = k <= q
+    if window > 0:
+        allowed = allowed & ((k > q - window) | (k < sink))
+    return allowed
+
+
+class Head(nn.Module):
+    """One head: project to queries, keys and values, then attend causally."""
+
+    def __init__(self, n_embd, head_dim, bias=False):
+        super().__init__()
+        self.query = nn.Linear(n_embd, head_dim, bias=bias)
+        self.key = nn.Linear(n_embd, head_dim, bias=bias)
+        self.value = nn.Linear(n_embd, head_dim, bias=bias)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, head_dim)
+        q, k, v = self.query(x), self.key(x), self.value(x)  # each (B, T, head_dim)
+        return attention(q, k, v, causal_mask(x.size(1), x.device))[0]
+
+
+# 1.4 Multi-head attention ---------------------------------------------------------------
+class CausalSelfAttention(nn.Module):
+    """n_head heads side by side: one matmul makes q, k, v for all heads, a reshape splits
+    them, each head attends on its own slice, and the output projection mixes the heads.
+    Grouped-query attention: with n_kv_head < n_head, each key/value head serves
+    n_head / n_kv_head query heads, and the KV cache shrinks by that factor."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0
+        self.n_head, self.flash = cfg.n_head, cfg.flash
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        self.window, self.sink = cfg.window, cfg.sink
+        self.kv_dim = self.n_kv_head * (cfg.n_embd // cfg.n_head)
+        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * self.kv_dim, bias=cfg.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.attn_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.record = False  # set True to keep the attention weights of the next forward
+        self.weights = None
+
+    def forward(self, x, pos=None, rope=None, cache=None, layer=0):
+        B, T, C = x.shape
+        hd = C // self.n_head
+        if pos is None:
+            pos = torch.arange(T, device=x.device)
+        q, k, v = self.c_attn(x).split([C, self.kv_dim, self.kv_dim], dim=2)  # (B, T, C + 2*kv_dim) -> q, k, v
+        # (B, T, C) -> (B, T, n_head, head_dim) -> (B, n_head, T, head_dim); k, v: n_kv_head heads
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k_pos = pos
+        if cache is not None:  # attend to the cached past as well: (B, Hkv, T, hd) -> (B, Hkv, L, hd)
+            k, v, k_pos = cache.update(layer, k, v, pos)
+        if self.n_kv_head != self.n_head:  # (B, n_kv_head, L, hd) -> (B, n_head, L, hd)
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        if self.flash and not self.record:  # the same math in one fused kernel
+            p = self.attn_dropout.p if self.training else 0.0
+            if self.window == 0 and k.size(2) == T:  # no cached past: plain causal
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            elif self.window == 0 and T == 1:  # one new token sees every cached key
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            else:
+                mask = attention_mask(pos, k_pos, self.window, self.sink)  # (T, L)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        else:
+            mask = attention_mask(pos, k_pos, self.window, self.sink)
+            y, att = attention(q, k, v, mask, self.attn_dropout)
+            if self.record:
+                self.weights = att.detach()  # (B, n_head, T, L)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, n_head, T, hd) -> (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+# 3.4 / 3.6 The KV cache -----------------------------------------------------------------------
+class KVCache:
+    """The keys and values of every layer for the positions seen so far, so that each new
+    token computes only its own q, k, v. Full attention: buffers sized for max_len positions,
+    written in place (no copy of the past per token). With window > 0 it is a rolling
+    buffer: after each step a layer keeps just the first `sink` positions and the last
+    `window` - 1 (the next token makes `window`), so memory stays bounded however long the
+    stream runs. Keys are stored already rotated by RoPE at their absolute position, so
+    nothing is recomputed when older entries leave."""
+
+    def __init__(self, n_layer, max_len, window=0, sink=0):
+        self.max_len, self.window, self.sink = max_len, window, sink
+        self.k = [None] * n_layer  # per layer: (B, n_kv_head, L, head_dim)
+        self.v = [None] * n_layer
+        self.pos = [None] * n_layer  # rolling buffer, per layer: (L,) absolute positions
+        self.seen = 0  # tokens processed so far = the position of the next token
+
+    def update(self, layer, k, v, pos):
+        """Store the new entries; return every key, value and position to attend to."""
+        if self.window == 0:
+            if self.k[layer] is None:  # (B, Hkv, max_len, hd), filled from the left
+                B, H, _, D = k.shape
+                self.k[layer], self.v[layer] = k.new_empty(B, H, self.max_len, D), v.new_empty(B, H, self.max_len, D)
+            end = self.seen + k.size(2)
+            self.k[layer][:, :, self.seen:end] = k
+            self.v[layer][:, :, self.seen:end] = v
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end], torch.arange(end, device=k.device)
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)  # (B, Hkv, L, hd) + (B, Hkv, T, hd)
+            v = torch.cat([self.v[layer], v], dim=2)
+            pos = torch.cat([self.pos[layer], pos])
+        keep = (pos < self.sink) | (pos > pos[-1] + 1 - self.window)  # what the next query can see
+        self.k[layer], self.v[layer], self.pos[layer] = k[:, :, keep], v[:, :, keep], pos[keep]
+        return k, v, pos
+
+    def nbytes(self):
+        return sum(t.nelement() * t.element_size() for t in self.k + self.v if t is not None)
+
+
+# 1.5 MLP, GELU, LayerNorm ---------------------------------------------------------------
+def gelu(x):
+    """GELU(x) = x * Phi(x), Phi the standard normal CDF: a smooth ReLU."""
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+class MLP(nn.Module):
+    """Position-wise: widen 4x, GELU, project back."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+        return self.dropout(self.c_proj(gelu(self.c_fc(x))))
+
+
+def swiglu_hidden(n_embd):
+    """8C/3: three C x h matrices then hold the 8C^2 parameters of the 4x GELU MLP.
+    Rounded to a multiple of 64, which matmul kernels like."""
+    return max(64, 64 * round(8 * n_embd / 3 / 64))
+
+
+class SwiGLU(nn.Module):
+    """3.3 silu(x W_gate) * (x W_up), then W_down: the MLP of PaLM, Llama and Mistral. The
+    gate decides, feature by feature, how much of the up-projection passes."""
+
+    def __init__(self, cfg, hidden=None):
+        super().__init__()
+        hidden = hidden or swiglu_hidden(cfg.n_embd)
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden, bias=cfg.bias)  # gate and up in one matmul
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, 2h) -> 2 x (B, T, h) -> (B, T, C)
+        gate, up = self.c_fc(x).chunk(2, dim=-1)
+        return self.dropout(self.c_proj(F.silu(gate) * up))
+
+
+class LayerNorm(nn.Module):
+    """Normalize each vector to zero mean and unit variance over its C features, then
+    scale and shift with learned weight and bias."""
+
+    def __init__(self, n_embd, bias=True, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_embd))
+        self.bias = nn.Parameter(torch.zeros(n_embd)) if bias else None
+
+    def forward(self, x):  # (..., C) -> (..., C)
+        mean = x.mean(dim=-1, keepdim=True)
+        var = x.var(dim=-1, keepdim=True, unbiased=False)
+        y = (x - mean) * torch.rsqrt(var + self.eps) * self.weight
+        return y + self.bias if self.bias is not None else y
+
+
+# 3.1 RMSNorm ------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """Divide each vector by its root mean square, then scale by a learned gain: no mean to
+    subtract, no bias. Cheaper than LayerNorm and as good in practice (Zhang & Sennrich 2019)."""
+
+    def __init__(self, n_embd, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_embd))
+
+    def forward(self, x):  # (..., C) -> (..., C), computed in float32
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def make_norm(cfg):
+    return RMSNorm(cfg.n_embd) if cfg.norm == "rmsnorm" else LayerNorm(cfg.n_embd, bias=cfg.bias)
+
+
+
+# 5.1 / 5.2 Mixture of Experts ---------------------------------------------------------------
+def expert_hidden(cfg):
+    """One expert's hidden width. Default: the dense SwiGLU width split over the top_k
+    experts a token visits, so a token's MLP FLOPs equal the dense model's."""
+    return cfg.expert_hidden or max(16, swiglu_hidden(cfg.n_embd) // cfg.moe_top_k)
+
+
+class MoE(nn.Module):
+    """A router sends each token to top_k of n_experts SwiGLU experts and mixes their outputs
+    with its gate weights: many more parameters, the same FLOPs per token.
+
+    Dispatch without a loop over tokens: the N*top_k (token, expert) assignments are sorted
+    by expert, each expert runs once on its contiguous slice, and index_add_ scatters the
+    gated outputs back to their tokens. With capacity_factor > 0 an expert takes at most
+    capacity_factor * N * top_k / n_experts assignments; the others are dropped, and a token
+    whose every assignment was dropped passes through the residual unchanged."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, C, h = cfg.n_experts, cfg.n_embd, expert_hidden(cfg)
+        self.n_experts, self.top_k, self.capacity_factor = E, cfg.moe_top_k, cfg.capacity_factor
+        self.router = nn.Linear(C, E, bias=False)  # kept and run in float32
+        self.w_in = nn.Parameter(torch.randn(E, C, 2 * h) * 0.02)  # per expert: gate and up
+        self.w_out = nn.Parameter(torch.randn(E, h, C) * 0.02 / math.sqrt(2 * cfg.n_layer))
+        self.register_buffer("select_bias", torch.zeros(E))  # bias balancing: selection only
+        self.shared = SwiGLU(cfg, h * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        self.aux_loss = self.z_loss = torch.zeros(())
+        self.counts = torch.zeros(E)  # assignments per expert in the last forward
+        self.dropped = 0  # assignments dropped for capacity in the last forward
+
+    def route(self, flat):
+        """(N, C) -> chosen experts (N, k) and their gate weights (N, k); sets the losses."""
+        with torch.autocast(flat.device.type, enabled=False):  # small logit gaps decide: float32
+            logits = self.router(flat.float())  # (N, E)
+        probs = logits.softmax(dim=-1)
+        chosen = torch.topk(logits + self.select_bias, self.top_k, dim=-1).indices  # (N, k)
+        gate = probs.gather(1, chosen)  # (N, k): the bias never reaches the gates
+        if self.top_k > 1:  # Mixtral: renormalize over the chosen; Switch (k=1) keeps p
+            gate = gate / gate.sum(dim=-1, keepdim=True)  # so that the router gets a gradient
+        self.counts = torch.bincount(chosen.flatten(), minlength=self.n_experts)  # (E,)
+        # Switch load-balancing loss: E * sum_i f_i * P_i, f_i = share of assignments to
+        # expert i (not differentiable), P_i = its mean router probability (differentiable).
+        # 1 when routing is uniform; up to E when every token goes to one expert.
+        f = self.counts.float() / chosen.numel()
+        self.aux_loss = self.n_experts * (f * probs.mean(dim=0)).sum()
+        self.z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()  # keeps logits small (ST-MoE)
+        return chosen, gate
+
+    def run_experts(self, xs, counts):
+        """Expert e's SwiGLU on rows [start_e, start_e + counts[e]) of the sorted tokens xs."""
+        outs, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                gate, up = (xs[start:start + n] @ self.w_in[e]).chunk(2, dim=-1)  # (n, C) -> 2 x (n, h)
+                outs.append((F.silu(gate) * up) @ self.w_out[e])  # (n, h) -> (n, C)
+            start += n
+        return torch.cat(outs) if outs else xs[:0]
+
+    def forward(self, x):
+        B, T, C = x.shape
+        flat = x.reshape(-1, C)  # (B, T, C) -> (N, C)
+        chosen, gate = self.route(flat)
+        expert_of = chosen.flatten()  # (N*k,) the expert of each assignment
+        order = torch.argsort(expert_of, stable=True)  # assignments grouped by expert
+        token_of = order // self.top_k  # (N*k,) the token of each sorted assignment
+        gate_of = gate.flatten()[order]
+        counts = self.counts
+        if self.capacity_factor > 0:  # each expert keeps its first `capacity` assignments
+            capacity = math.ceil(self.capacity_factor * chosen.numel() / self.n_experts)
+            first = torch.cumsum(counts, 0) - counts  # (E,) sorted index where expert e starts
+            keep = torch.arange(order.numel(), device=x.device) - first[expert_of[order]] < capacity
+            token_of, gate_of, counts = token_of[keep], gate_of[keep], counts.clamp(max=capacity)
+            self.dropped = int(order.numel() - keep.sum())
+        out = self.run_experts(flat[token_of], counts)  # (M, C) in expert order
+        y = torch.zeros_like(flat).index_add_(0, token_of, (out * gate_of[:, None]).to(flat.dtype))
+        if self.shared is not None:
+            y = y + self.shared(flat)
+        return y.view(B, T, C)
+
+    @torch.no_grad()
+    def update_bias(self, rate):
+        """Auxiliary-loss-free balancing (DeepSeek-V3): after each step, raise the selection
+        bias of experts that got fewer assignments than average, lower it for the others."""
+        load = self.counts.float()
+        self.select_bias += rate * torch.sign(load.mean() - load)
+
+
+# 1.6 The block and the model -------------------------------------------------------------
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). The residual
+    stream carries the input through untouched; each sublayer only adds to it."""
+
+    def __init__(self, cfg, layer=0):
+        super().__init__()
+        self.ln_1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = make_norm(cfg)
+        if cfg.n_experts and layer % cfg.moe_every == cfg.moe_every - 1:  # 5.4 every k-th block
+            self.mlp = MoE(cfg)
+        else:
+            self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else MLP(cfg)
+
+    def forward(self, x, pos=None, rope=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), pos, rope, cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(padded_vocab(cfg.vocab_size), cfg.n_embd)  # token id -> vector
+        if cfg.pos == "learned":
+            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)  # position -> vector
+        elif cfg.pos == "sinusoidal":
+            self.wpe = SinusoidalPositions(cfg.block_size, cfg.n_embd)
+        else:  # rope: positions rotate q and k inside attention; nothing is added here
+            self.wpe = None
+            cos, sin = rope_angles(torch.arange(cfg.block_size), cfg.n_embd // cfg.n_head)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, head_dim/2)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, padded_vocab(cfg.vocab_size), bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying: one matrix reads and writes tokens
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale the residual projections so
+            if name.endswith("c_proj.weight"):  # the stream's variance does not grow with depth
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # tied weights count once
+
+    def moe_layers(self):
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def active_params(self):
+        """Parameters a token uses: every MoE layer counts top_k of its routed experts."""
+        unused = sum((m.n_experts - m.top_k) * (m.w_in[0].numel() + m.w_out[0].numel())
+                     for m in self.moe_layers())
+        return self.num_params() - unused
+
+    def router_loss(self):
+        """What the routers add to the training loss: load balancing and z-loss."""
+        return sum(self.cfg.aux_loss_coef * m.aux_loss + self.cfg.z_loss_coef * m.z_loss
+                   for m in self.moe_layers())
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6 per weight in a matmul (2 forward, 4 backward) plus
+        attention's QK^T and AV, 12*L*C*T (part00's estimator). Position tables do no matmul;
+        experts a token does not visit do none for it."""
+        n = self.active_params() - (self.wpe.weight.numel() if isinstance(self.wpe, nn.Embedding) else 0)
+        cfg = self.cfg
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    @property
+    def streams(self):
+        """RoPE with a sliding window has no position limit: it can run past block_size."""
+        return self.cfg.pos == "rope" and self.cfg.window > 0
+
+    def new_cache(self):
+        return KVCache(self.cfg.n_layer, self.cfg.block_size, self.cfg.window, self.cfg.sink)
+
+    def rope(self, pos):
+        if pos[-1] < self.rope_cos.size(0):  # the precomputed table covers the context
+            return self.rope_cos[pos], self.rope_sin[pos]
+        return rope_angles(pos, self.cfg.n_embd // self.cfg.n_head)  # streaming past it
+
+    def forward(self, idx, targets=None, cache=None):
+        B, T = idx.shape
+        start = cache.seen if cache is not None else 0  # position of idx[:, 0]
+        if start + T > self.cfg.block_size and not self.streams:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.cfg.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
+        x = self.drop(x)
+        rope = self.rope(pos) if self.wpe is None else None
+        for i, block in enumerate(self.h):
+            x = block(x, pos, rope, cache, i)
+        if cache is not None:
+            cache.seen += T
+        logits = self.lm_head(self.ln_f(x))  # (B, T, C) -> (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            # 2.3 The loss. targets[b, t] is the token that follows idx[b, t] (get_batch made
+            # it by shifting the window by one), so every position is a next-token
+            # prediction: (B, T, V) logits vs (B, T) targets -> flatten to (B*T, V) vs (B*T,).
+            # Cross-entropy is -log p(correct token) in nats, averaged over the B*T positions.
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            if self.training and self.cfg.n_experts:  # evaluation reports the LM loss alone
+                loss = loss + self.router_loss()
+        return logits, loss
+
+
+# ----------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------
+def configure_optimizer(model, cfg, device):
+    """AdamW. Weight decay pulls matrices (embeddings, Linear weights) toward zero; biases
+    and norm gains are left alone: shrinking those does not regularize, it distorts."""
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.startswith("cuda"))
+
+
+def bits_per_byte(loss, bytes_per_token=1.0):
+    """Nats per token -> bits per byte: divide by ln 2 and by the bytes a token stands for,
+    so that models with different tokenizers compare on one scale."""
+    return loss / math.log(2) / bytes_per_token
+
+
+@torch.no_grad()
+def estimate_loss(model, splits, cfg, device, dtype):
+    """2.6 Mean loss over eval_iters batches of each split. The batches come from a
+    generator seeded the same way every time: successive evaluations see the same windows
+    (less noise between them) and training's random stream is left untouched."""
+    model.eval()
+    out = {}
+    for name, data in splits.items():
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        losses = torch.zeros(cfg.eval_iters)
+        for i in range(cfg.eval_iters):
+            x, y = get_batch(data, cfg.batch_size, cfg.block_size, device, gen)
+            with autocast_ctx(device, dtype):
+                losses[i] = model(x, y)[1].item()
+        out[name] = losses.mean().item()
+    model.train()
+    return out
+
+
+def get_lr(step, cfg):
+    """4.3 Linear warmup from 0 to learning_rate over warmup_steps (Adam's early moment
+    estimates are noisy: big steps then can wreck the init), then a cosine decay to min_lr
+    at max_steps: large steps while far from a minimum, small ones to settle into it."""
+    if step <= cfg.warmup_steps:
+        return cfg.learning_rate * step / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def rng_state():
+    """Every random stream, so a resumed run draws the same batches (the data position of
+    random-window sampling is the RNG state) and the same dropout masks."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, ckpt):
+    """Write to a temp file, then rename: a crash mid-save leaves the old checkpoint whole."""
+    tmp = path + ".tmp"
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pos", "bias",
+                "norm", "mlp", "n_kv_head", "window", "sink", "n_experts", "moe_top_k", "expert_hidden",
+                "moe_every", "n_shared_experts")
+
+
+def load_checkpoint(path, cfg, device):
+    """Read a checkpoint (tensors and plain values only: weights_only=True runs no code)
+    and check that it holds the model shape this run asks for."""
+    if not os.path.exists(path):
+        die(f"no checkpoint at {path}: train first, or point --out_dir at a run")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, corrupt, or not a torch file at all
+        die(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not (isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt):
+        die(f"{path} is not a checkpoint of this project")
+    diff = [f"--{k} {ckpt['config'].get(k)} (this run: {getattr(cfg, k)})"
+            for k in SHAPE_FIELDS if ckpt["config"].get(k) != getattr(cfg, k)]
+    if diff:
+        die(f"{path} holds another model shape; pass {', '.join(diff)}")
+    return ckpt
+
+
+def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, resume=None,
+          rank=0, world=1, ckpt_extra=None):
+    """The loop of part02, grown for real runs. Each step accumulates gradients over
+    grad_accum micro-batches (4.2), scales the fp16 loss so small gradients survive, follows
+    the warmup + cosine schedule (4.3), and checkpoints every ckpt_interval steps with all it
+    takes to continue exactly: model, optimizer, scaler, step, RNG states (4.4). Ctrl-C
+    saves before it exits. Under torchrun each rank computes its shard of every batch and
+    DDP averages the gradients, once per step."""
+    raw = model  # the plain module: evaluated and saved; `model` may get wrapped below
+    if cfg.compile == "true" or (cfg.compile == "auto" and device.startswith("cuda")):
+        model = torch.compile(model)
+    if world > 1:
+        model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+    opt = configure_optimizer(raw, cfg, device)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+    step, best_val = 0, float("inf")
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        step, best_val = resume["step"], resume["best_val"]
+        set_rng_state(resume["rng"])
+    main_proc = rank == 0
+    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    peak = gpu_peak_flops(device)
+    flops_per_step = raw.flops_per_token() * tokens_per_step
+
+    def checkpoint(path):
+        save_checkpoint(path, {"model": raw.state_dict(), "optimizer": opt.state_dict(),
+                               "scaler": scaler.state_dict(), "config": dataclasses.asdict(cfg),
+                               "step": step, "best_val": best_val, "val_loss": best_val,
+                               "rng": rng_state(), **(ckpt_extra or {})})
+
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        if interrupted:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        interrupted.append(step)
+        print("\nCtrl-C: saving a checkpoint after this step (press again to quit at once)")
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
+    metrics = (open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if resume else "w", buffering=1)
+               if main_proc else None)
+    writer = None
+    if cfg.tensorboard and main_proc:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+        except ImportError:
+            print("note: --tensorboard needs the tensorboard package (requirements-extra.txt)")
+    first_step, eval_s, losses = step, 0.0, None
+    t0 = time.perf_counter()
+    model.train()
+    try:
+        while step < cfg.max_steps:
+            step += 1
+            lr = get_lr(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=device)
+            for micro_step in range(cfg.grad_accum):
+                x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, device, shard=(rank, world))
+                if world > 1:  # all-reduce the gradients on the last micro-step only
+                    model.require_backward_grad_sync = micro_step == cfg.grad_accum - 1
+                with autocast_ctx(device, dtype):
+                    _, loss = model(x, y)
+                loss = loss / cfg.grad_accum  # the step's loss is the mean over its micro-batches
+                scaler.scale(loss).backward()  # fp16: scale up so small gradients don't flush to 0
+                loss_sum += loss.detach()
+            if cfg.grad_clip > 0:  # one bad batch cannot throw the weights far
+                scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+            scaler.step(opt)  # skips the step if fp16 gradients overflowed
+            scaler.update()
+            if cfg.balance == "bias":
+                for moe in raw.moe_layers():
+                    moe.update_bias(cfg.bias_rate)
+            out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t0 - eval_s >= cfg.max_seconds
+            stop = bool(interrupted) or out_of_time
+            if world > 1:  # every rank must stop on the same step: they agree at logging steps
+                flag = torch.tensor(float(stop and step % cfg.log_interval == 0), device=device)
+                if step % cfg.log_interval == 0:
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag)
+            stopping = stop or step == cfg.max_steps
+
+            if step % cfg.log_interval == 0 or step == first_step + 1 or stopping:
+                if world > 1:  # the loss of the global batch, not of this rank's shard
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world
+                loss_f = loss_sum.item()  # the one host sync of a logged step
+                elapsed = time.perf_counter() - t0
+                done = step - first_step
+                tok_s = done * tokens_per_step / max(elapsed - eval_s, 1e-9)
+                eta = (elapsed / done) * (cfg.max_steps - step)
+                mfu = flops_per_step * done / max(elapsed - eval_s, 1e-9) / (peak * world) if peak else None
+                if main_proc:
+                    print(f"step {step:5d}/{cfg.max_steps} | loss {loss_f:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
+                          + (f" | MFU {mfu:.1%}" if mfu is not None else "") + f" | {elapsed:.0f}s, ETA {eta:.0f}s")
+                    metrics.write(json.dumps({"step": step, "train_loss": loss_f, "lr": lr, "tokens_per_s": tok_s,
+                                              "mfu": mfu, "elapsed_s": elapsed}) + "\n")
+                    if writer:
+                        writer.add_scalar("train/loss", loss_f, step)
+                        writer.add_scalar("train/lr", lr, step)
+            if step % cfg.eval_interval == 0 or stopping:
+                t_eval = time.perf_counter()
+                losses = estimate_loss(raw, {"train": train_data, "val": val_data}, cfg, device, dtype)
+                best = losses["val"] < best_val
+                if best:
+                    best_val = losses["val"]
+                if main_proc:
+                    if best:
+                        checkpoint(best_path)
+                    print(f"eval {step:5d} | train {losses['train']:.4f} | val {losses['val']:.4f} nats/token"
+                          f" = {bits_per_byte(losses['val'], bytes_per_token):.3f} bpb"
+                          f"{' | saved best.pt' if best else ''}")
+                    metrics.write(json.dumps({"step": step, "eval_train_loss": losses["train"],
+                                              "val_loss": losses["val"]}) + "\n")
+                    if writer:
+                        writer.add_scalar("val/loss", losses["val"], step)
+                eval_s += time.perf_counter() - t_eval
+            if main_proc and (step % cfg.ckpt_interval == 0 or stopping):
+                checkpoint(ckpt_path)
+            if stop:
+                break
+    finally:  # even when a step or a save fails: restore Ctrl-C, close the logs
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+        if metrics:
+            metrics.close()
+        if writer:
+            writer.close()
+    if interrupted and main_proc:
+        print(f"stopped at step {step}; continue with --resume")
+    done = max(step - first_step, 1)
+    train_s = max(time.perf_counter() - t0 - eval_s, 1e-9)
+    mfu = flops_per_step * done / train_s / (peak * world) if peak else None
+    return {"train_loss": losses["train"] if losses else float("nan"),
+            "final_val_loss": losses["val"] if losses else float("nan"), "val_loss": best_val,
+            "steps": step, "tokens_per_s": done * tokens_per_step / train_s, "mfu": mfu,
+            "interrupted": bool(interrupted)}
+
+
+def plot_losses(out_dir):
+    """4.5 A loss-curve PNG from metrics.jsonl, when matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "val")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    path = os.path.join(out_dir, "loss.png")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------
+# Inference: 2.5 sampling
+# ----------------------------------------------------------------------------------------
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """(B, V) logits -> the same with -inf outside the kept set: the top_k largest, and/or
+    the smallest set of most likely tokens whose probabilities add up to top_p."""
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V) each
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # 1st stays
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)  # undo the sort
+    return logits
+
+
+def next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """(B, V) logits of the last position -> (B, 1) ids: greedy at temperature 0, else
+    sampled from the distribution sharpened or flattened by temperature, cut by top_k/top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None,
+             use_cache=True):
+    """Append max_new_tokens tokens to idx (B, T). 3.4 With the KV cache, the prompt runs
+    once (prefill) and each new token then costs a single position (decode); without it,
+    every step reruns the whole context. Both produce the same tokens. When a full-attention
+    context is full, the cache restarts from the last block_size tokens, which is what the
+    uncached path sees; a sliding-window RoPE model streams on with a rolling cache."""
+    model.eval()
+    T = model.cfg.block_size
+
+    def context(ids):
+        return ids if model.streams else ids[:, -T:]  # crop to the context the model has
+
+    cache = model.new_cache() if use_cache else None
+    step_input = context(idx)
+    for _ in range(max_new_tokens):
+        logits = model(step_input, cache=cache)[0][:, -1, :model.cfg.vocab_size].float()  # (B, T, Vpad) -> (B, V)
+        next_id = next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
+        idx = torch.cat([idx, next_id], dim=1)
+        if cache is None:
+            step_input = context(idx)
+        elif cache.seen < T or model.streams:
+            step_input = next_id  # decode: one new position
+        else:
+            cache, step_input = model.new_cache(), idx[:, -T:]  # full: prefill the last T again
+    return idx
+
+
+def sample(model, tokenizer, cfg, device):
+    """cfg.num_samples continuations of cfg.prompt, seeded by cfg.seed."""
+    ids = tokenizer.encode(cfg.prompt or "\n")
+    if len(ids) > cfg.block_size:
+        print(f"note: the prompt is {len(ids)} tokens; the model sees its last {cfg.block_size}")
+        ids = ids[-cfg.block_size:]
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
+    out = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, gen)
+    return [tokenizer.decode(row.tolist()) for row in out]
+
+
+# ----------------------------------------------------------------------------------------
+# The milestone: dense vs MoE at equal active parameters
+# ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def expert_load(model, data, cfg, device, dtype):
+    """Per MoE layer: the smallest and largest share of assignments an expert gets, and the
+    share of assignments dropped for capacity, on one batch of `data`."""
+    model.eval()
+    x, _ = get_batch(data, cfg.batch_size, cfg.block_size, device, torch.Generator().manual_seed(cfg.seed))
+    with autocast_ctx(device, dtype):
+        model(x)
+    model.train()
+    layers = []
+    for moe in model.moe_layers():
+        share = moe.counts.float() / moe.counts.sum()
+        layers.append({"min": share.min().item(), "max": share.max().item(),
+                       "dropped": moe.dropped / moe.counts.sum().item()})
+    return layers
+
+
+def compare(cfg, device, dtype, train_data, val_data, bytes_per_token):
+    """Train a dense model and the MoE (same active parameters per token, same FLOPs) for
+    the same steps on the same data and seed; one row each."""
+    rows = {}
+    for name, run_cfg in (("dense", dataclasses.replace(cfg, n_experts=0)), ("moe", cfg)):
+        run_cfg = dataclasses.replace(run_cfg, out_dir=os.path.join(cfg.out_dir, "compare", name))
+        os.makedirs(run_cfg.out_dir, exist_ok=True)
+        print(f"== {name}")
+        set_seed(cfg.seed)
+        model = GPT(run_cfg).to(device)
+        result = train(model, train_data, val_data, run_cfg, device, dtype, bytes_per_token)
+        load = expert_load(model, val_data, run_cfg, device, dtype)
+        rows[name] = {"total_params": model.num_params(), "active_params": model.active_params(),
+                      "tokens_per_s": result["tokens_per_s"], "steps": result["steps"],
+                      "val_loss": result["val_loss"],
+                      "val_bpb": bits_per_byte(result["val_loss"], bytes_per_token),
+                      "load_min": min((l["min"] for l in load), default=None),
+                      "load_max": max((l["max"] for l in load), default=None),
+                      "dropped_pct": 100 * sum(l["dropped"] for l in load) / len(load) if load else 0.0,
+                      "layers": load}
+    print(f"\n{'model':<6} {'params':>10} {'active':>10} {'tok/s':>8} {'val loss':>9} {'val bpb':>8}"
+          f" {'load min-max':>13} {'dropped':>8}")
+    for name, r in rows.items():
+        spread = f"{r['load_min']:.3f}-{r['load_max']:.3f}" if r["layers"] else "-"
+        print(f"{name:<6} {r['total_params']:10,d} {r['active_params']:10,d} {r['tokens_per_s']:8,.0f}"
+              f" {r['val_loss']:9.4f} {r['val_bpb']:8.3f} {spread:>13} {r['dropped_pct']:7.2f}%")
+    return rows
+
+
+
+# ----------------------------------------------------------------------------------------
+# main: train (or resume), checkpoint, print samples
+# ----------------------------------------------------------------------------------------
+def validate(cfg):
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
+                 "max_steps", "eval_interval", "eval_iters", "log_interval", "num_samples"):
+        if getattr(cfg, name) < 1:
+            die(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.n_embd % cfg.n_head:
+        die(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
+    if cfg.pos not in ("learned", "sinusoidal", "rope"):
+        die(f"--pos {cfg.pos!r}: expected learned, sinusoidal or rope")
+    if cfg.pos == "rope" and (cfg.n_embd // cfg.n_head) % 2:
+        die(f"--pos rope needs an even head size, got {cfg.n_embd // cfg.n_head}")
+    if cfg.norm not in ("layernorm", "rmsnorm"):
+        die(f"--norm {cfg.norm!r}: expected layernorm or rmsnorm")
+    if cfg.mlp not in ("gelu", "swiglu"):
+        die(f"--mlp {cfg.mlp!r}: expected gelu or swiglu")
+    if cfg.n_kv_head < 0 or (cfg.n_kv_head and cfg.n_head % cfg.n_kv_head):
+        die(f"--n_head {cfg.n_head} must be a multiple of --n_kv_head {cfg.n_kv_head}")
+    if cfg.window < 0 or cfg.sink < 0:
+        die(f"--window and --sink must be >= 0 (0 = off), got {cfg.window} and {cfg.sink}")
+    if cfg.sink and not cfg.window:
+        die("--sink needs a sliding window: set --window too")
+    if cfg.max_seconds < 0:
+        die(f"--max_seconds must be >= 0, got {cfg.max_seconds}")
+    if cfg.pos == "sinusoidal" and cfg.n_embd % 2:
+        die(f"--pos sinusoidal needs an even --n_embd, got {cfg.n_embd}")
+    if not 0 <= cfg.dropout < 1:
+        die(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.learning_rate <= 0:
+        die(f"--learning_rate must be positive, got {cfg.learning_rate}")
+    if cfg.tokenizer not in ("byte", "bpe"):
+        die(f"--tokenizer {cfg.tokenizer!r}: expected byte or bpe")
+    if cfg.tokenizer == "bpe" and not cfg.tokenizer_file and cfg.vocab_size < 257:
+        die(f"--vocab_size {cfg.vocab_size}: BPE needs at least 256 bytes + 1 special token")
+    if cfg.tokenizer_file and not os.path.isfile(cfg.tokenizer_file):
+        die(f"--tokenizer_file {cfg.tokenizer_file}: no such file")
+    if cfg.grad_accum < 1 or cfg.warmup_steps < 0 or cfg.ckpt_interval < 1:
+        die("--grad_accum and --ckpt_interval must be >= 1, --warmup_steps >= 0")
+    if not 0 <= cfg.min_lr <= cfg.learning_rate:
+        die(f"--min_lr must be in [0, --learning_rate], got {cfg.min_lr}")
+    if cfg.n_experts < 0 or cfg.expert_hidden < 0 or cfg.n_shared_experts < 0 or cfg.moe_every < 1:
+        die("--n_experts, --expert_hidden, --n_shared_experts must be >= 0 and --moe_every >= 1")
+    if cfg.n_experts and not 1 <= cfg.moe_top_k <= cfg.n_experts:
+        die(f"--moe_top_k {cfg.moe_top_k} must be between 1 and --n_experts {cfg.n_experts}")
+    if cfg.capacity_factor < 0:
+        die(f"--capacity_factor must be >= 0 (0 = dropless), got {cfg.capacity_factor}")
+    if cfg.balance not in ("aux", "bias"):
+        die(f"--balance {cfg.balance!r}: expected aux or bias")
+    if cfg.aux_loss_coef < 0 or cfg.z_loss_coef < 0 or cfg.bias_rate < 0:
+        die("--aux_loss_coef, --z_loss_coef and --bias_rate must be >= 0")
+    if cfg.compare and not cfg.n_experts:
+        die("--compare needs an MoE to compare: set --n_experts")
+    if cfg.compile not in ("auto", "true", "false"):
+        die(f"--compile {cfg.compile!r}: expected auto, true or false")
+    if cfg.grad_clip < 0 or cfg.weight_decay < 0 or cfg.max_new_tokens < 0:
+        die("--grad_clip, --weight_decay and --max_new_tokens must not be negative")
+    if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
+        die("--temperature and --top_k must be >= 0, and --top_p in (0, 1]")
+
+
+def build_tokenizer(cfg, text=None):
+    """The byte tokenizer, or BPE: read from --tokenizer_file, from the run's out_dir when
+    resuming or sampling, else trained on the training split (not val) and saved there."""
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    if cfg.tokenizer_file:
+        return BPETokenizer.load(cfg.tokenizer_file)
+    saved = os.path.join(cfg.out_dir, "tokenizer.json")
+    if cfg.resume or cfg.sample_only:
+        if not os.path.exists(saved):
+            die(f"no tokenizer at {saved}: train first, or pass --tokenizer_file")
+        return BPETokenizer.load(saved)
+    with Timer() as t:
+        tokenizer = BPETokenizer.train(text[: int(0.9 * len(text))], cfg.vocab_size)
+    tokenizer.save(saved)
+    print(f"BPE: {tokenizer.vocab_size} tokens trained in {t.seconds:.1f} s; saved {saved}")
+    return tokenizer
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    validate(cfg)
+    rank, world, ddp_device = setup_distributed()
+    if cfg.batch_size % world:
+        die(f"--batch_size {cfg.batch_size} must be divisible by the {world} torchrun processes")
+    set_seed(cfg.seed)
+    device = ddp_device or pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    if device.startswith("cuda"):  # float32 matmuls on tensor cores (TF32)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
+    t0 = time.perf_counter()
+
+    if cfg.sample_only:
+        tokenizer = build_tokenizer(cfg)
+        cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size)
+        path = best_path if os.path.exists(best_path) else ckpt_path
+        ckpt = load_checkpoint(path, cfg, device)
+        model = GPT(cfg).to(device)
+        model.load_state_dict(ckpt["model"])
+        print(f"loaded {path} (step {ckpt['step']}, val loss {ckpt['val_loss']:.4f})")
+        for text in sample(model, tokenizer, cfg, device):
+            print(text + "\n" + "-" * 80)
+        return None
+
+    text, name = load_text(cfg)
+    tokenizer = build_tokenizer(cfg, text)
+    cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size)
+    data, name = load_tokens(cfg, tokenizer, (text, name))
+    train_data, val_data = split_data(data)
+    # bits per byte need the bytes a token stands for, measured on the validation text
+    bytes_per_token = len(tokenizer.decode(val_data.tolist()).encode("utf-8")) / len(val_data)
+    if cfg.compare:
+        summary = {"compare": compare(cfg, device, dtype, train_data, val_data, bytes_per_token),
+                   "data": name, "device": device, "tokenizer": tokenizer.name,
+                   "bytes_per_token": bytes_per_token, "wall_s": time.perf_counter() - t0}
+        write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+        return summary
+    resume = load_checkpoint(ckpt_path, cfg, device) if cfg.resume else None
+    model = GPT(cfg).to(device)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+    if rank == 0:
+        print(f"data: {name}, {len(data):,} tokens ({len(train_data):,} train, {len(val_data):,} val),"
+              f" {bytes_per_token:.2f} bytes per token ({tokenizer.name})")
+        print(f"model: {model.num_params():,} parameters ({model.active_params():,} active per token); device {device} x {world}, "
+              f"{str(dtype).replace('torch.', '')}; effective batch {cfg.batch_size} x {cfg.block_size}"
+              f" x {cfg.grad_accum} = {cfg.batch_size * cfg.block_size * cfg.grad_accum:,} tokens per step")
+        if resume is not None:
+            print(f"resuming {ckpt_path} at step {resume['step']}")
+    result = train(model, train_data, val_data, cfg, device, dtype, bytes_per_token, resume, rank,
+                   world, {"tokenizer": tokenizer.name})
+    if world > 1:
+        dist.destroy_process_group()
+    if rank != 0 or result["interrupted"]:
+        return None
+
+    model.load_state_dict(load_checkpoint(best_path, cfg, device)["model"])  # the best model
+    samples = sample(model, tokenizer, cfg, device)
+    with open(os.path.join(cfg.out_dir, "samples.txt"), "w") as f:
+        f.write(("\n" + "-" * 80 + "\n").join(samples) + "\n")
+    for text in samples:
+        print(text + "\n" + "-" * 80)
+    plot_losses(cfg.out_dir)
+
+    summary = {"val_loss": result["val_loss"], "val_bpb": bits_per_byte(result["val_loss"], bytes_per_token),
+               "train_loss": result["train_loss"], "final_val_loss": result["final_val_loss"],
+               "tokens_per_s": result["tokens_per_s"], "wall_s": time.perf_counter() - t0,
+               "steps": result["steps"], "data": name, "params": model.num_params(),
+               "device": device, "world_size": world, "mfu": result["mfu"],
+               "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+               "bytes_per_token": bytes_per_token}
+    write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    print(f"val loss {summary['val_loss']:.4f} nats/token = {summary['val_bpb']:.3f} bpb after "
+          f"{summary['steps']} steps, {summary['tokens_per_s']:,.0f} tok/s, "
+          f"{summary['wall_s']:.0f} s; wrote {cfg.out_dir}/summary.json")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
