@@ -861,7 +861,7 @@ class MoE(nn.Module):
     def route(self, flat):
         """(N, C) -> chosen experts (N, k) and their gate weights (N, k); sets the losses."""
         with torch.autocast(flat.device.type, enabled=False):  # small logit gaps decide: float32
-            logits = self.router(flat.float())  # (N, E)
+            logits = F.linear(flat.float(), self.router.weight.float())  # (N, E), whatever the model's dtype
         probs = logits.softmax(dim=-1)
         chosen = torch.topk(logits + self.select_bias, self.top_k, dim=-1).indices  # (N, k)
         gate = probs.gather(1, chosen)  # (N, k): the bias never reaches the gates
@@ -894,7 +894,7 @@ class MoE(nn.Module):
         order = torch.argsort(expert_of, stable=True)  # assignments grouped by expert
         token_of = order // self.top_k  # (N*k,) the token of each sorted assignment
         gate_of = gate.flatten()[order]
-        counts = self.counts
+        counts, self.dropped = self.counts, 0
         if self.capacity_factor > 0:  # each expert keeps its first `capacity` assignments
             capacity = math.ceil(self.capacity_factor * chosen.numel() / self.n_experts)
             first = torch.cumsum(counts, 0) - counts  # (E,) sorted index where expert e starts

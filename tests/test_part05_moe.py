@@ -1,0 +1,701 @@
+"""Part 05: Mixture-of-Experts. Top-k gating against its definition (float32 router, even
+under autocast; the selection bias picks experts but never enters the gates), dispatch and
+combine against a naive per-token reference in float64, the load-balancing loss and the
+z-loss against their formulas, capacity drops, bias balancing, hybrid placement
+(--moe_every), active parameters against the dense model, the router loss in training
+only, gradients, flag errors, checkpoints of another shape, and the dense-vs-MoE milestone."""
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import load, part_names, read_summary
+
+ALL = part_names(5)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread for these tiny models: on a busy 2-core machine, OpenMP threads that
+    wait for each other make every small op (index_add_, Adam's sqrt) take milliseconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# The modern stack of part03 and an explicit small MoE (defaults may change in later parts).
+MODERN = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=0, window=0, sink=0)
+MOE = dict(n_experts=4, moe_top_k=2, expert_hidden=0, moe_every=1, n_shared_experts=0,
+           capacity_factor=0.0, aux_loss_coef=0.01, z_loss_coef=0.001, balance="aux")
+
+
+def tiny_cfg(mod, **kw):
+    fields = {f.name for f in dataclasses.fields(mod.Config)}
+    base = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.0,
+                device="cpu", dtype="float32", batch_size=4, seed=0, flash=True)
+    base.update({k: v for k, v in {**MODERN, **MOE}.items() if k in fields})
+    base.update(kw)
+    return mod.Config(**base)
+
+
+def perturb_(module, seed=0, scale=0.3):
+    """Add noise to every parameter: routing is far from uniform, so equalities bite."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return module
+
+
+def tiny_gpt(mod, seed=0, **kw):
+    torch.manual_seed(seed)
+    return perturb_(mod.GPT(tiny_cfg(mod, **kw)), seed).eval()
+
+
+def tiny_moe(mod, seed=0, **kw):
+    torch.manual_seed(seed)
+    return perturb_(mod.MoE(tiny_cfg(mod, **kw)), seed)
+
+
+def tokens(shape, seed=1, vocab=64):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def randn(*shape, seed=2, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+def router_logits(moe, flat):
+    """The router's logits as the lesson defines them: a bias-free linear map in float32."""
+    return F.linear(flat.float(), moe.router.weight.float())
+
+
+def reference_route(moe, flat):
+    """Top-k by logits + selection bias; gates = the router probabilities of the chosen
+    experts, renormalized to sum to 1 when k > 1 (Switch, k = 1, keeps p)."""
+    logits = router_logits(moe, flat)
+    probs = logits.softmax(-1)
+    chosen = torch.topk(logits + moe.select_bias, moe.top_k, dim=-1).indices
+    gate = probs.gather(1, chosen)
+    if moe.top_k > 1:
+        gate = gate / gate.sum(-1, keepdim=True)
+    return chosen, gate
+
+
+def swiglu_expert(moe, e, x):
+    h = moe.w_in.shape[-1] // 2
+    w_in = moe.w_in[e]
+    return (F.silu(x @ w_in[:, :h]) * (x @ w_in[:, h:])) @ moe.w_out[e]
+
+
+def shared_ref(moe, x):
+    fc, proj = moe.shared.c_fc, moe.shared.c_proj
+    h = proj.weight.shape[1]
+    a = x @ fc.weight.T + (fc.bias if fc.bias is not None else 0)
+    y = (F.silu(a[:, :h]) * a[:, h:]) @ proj.weight.T
+    return y + (proj.bias if proj.bias is not None else 0)
+
+
+def naive_moe(moe, flat, keep=None):
+    """For each token, for each chosen expert e: gate * SwiGLU_e(x), summed (a loop over
+    tokens, no sorting); `keep` (N, k) bool drops assignments; plus the shared experts.
+    The routing is route()'s own (checked against its definition by the gate tests), so
+    this reference holds whether the router runs in float32 or in the input's float64."""
+    with torch.no_grad():
+        chosen, gate = moe.route(flat)
+    want_chosen, want_gate = reference_route(moe, flat)
+    assert torch.equal(chosen, want_chosen)
+    torch.testing.assert_close(gate.double(), want_gate.double(), atol=1e-6, rtol=0)
+    out = torch.zeros_like(flat)
+    for i in range(flat.size(0)):
+        for j in range(moe.top_k):
+            if keep is None or keep[i, j]:
+                e = int(chosen[i, j])
+                out[i] += gate[i, j].to(flat.dtype) * swiglu_expert(moe, e, flat[i:i + 1])[0]
+    if moe.shared is not None:
+        out = out + shared_ref(moe, flat)
+    return out
+
+
+def double_moe(moe):
+    """The module in float64 for exact comparisons (route() still computes in float32)."""
+    return moe.double()
+
+
+# ---------------------------------------------------------------------------------------
+# 5.1 Routing: top-k gates
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_gates_are_router_probabilities_of_the_chosen_experts(name, k):
+    mod = load(name)
+    moe = tiny_moe(mod, moe_top_k=k)
+    flat = randn(40, 32)
+    with torch.no_grad():
+        chosen, gate = moe.route(flat)
+    logits = router_logits(moe, flat)
+    probs = logits.softmax(-1)
+    assert chosen.shape == gate.shape == (40, k)
+    assert gate.dtype == torch.float32
+    # the k largest logits, each expert at most once per token
+    assert torch.equal(chosen.sort(-1).values, logits.topk(k, -1).indices.sort(-1).values)
+    assert all(len(set(row)) == k for row in chosen.tolist())
+    assert len(set(chosen[:, 0].tolist())) > 1  # not a degenerate router
+    p = probs.gather(1, chosen)
+    if k == 1:  # Switch: the gate is the probability itself, not renormalized to 1
+        torch.testing.assert_close(gate, p, atol=1e-6, rtol=0)
+        assert gate.max() < 0.999
+    else:  # Mixtral: renormalized over the chosen experts
+        torch.testing.assert_close(gate.sum(-1), torch.ones(40), atol=1e-6, rtol=0)
+        torch.testing.assert_close(gate, p / p.sum(-1, keepdim=True), atol=1e-6, rtol=0)
+    assert (gate > 0).all()
+    assert torch.equal(moe.counts, torch.bincount(chosen.flatten(), minlength=4))
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("k", [1, 2])
+def test_router_runs_in_float32_under_autocast(name, k):
+    mod = load(name)
+    moe = tiny_moe(mod, moe_top_k=k)
+    flat = randn(64, 32)
+    with torch.no_grad():
+        chosen, gate = moe.route(flat)
+        aux, z = moe.aux_loss.clone(), moe.z_loss.clone()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            chosen_bf, gate_bf = moe.route(flat.bfloat16())  # the stream arrives in bf16
+            y = moe(flat.bfloat16().view(4, 16, 32))
+    assert gate_bf.dtype == torch.float32 and moe.z_loss.dtype == torch.float32
+    # the same logits as a float32 router on the bf16-rounded input (a bf16 router differs)
+    chosen_ref, gate_ref = reference_route(moe, flat.bfloat16())
+    assert torch.equal(chosen_bf, chosen_ref)
+    torch.testing.assert_close(gate_bf, gate_ref, atol=1e-6, rtol=0)
+    logits_bf16 = F.linear(flat.bfloat16(), moe.router.weight.bfloat16()).float()
+    assert (logits_bf16 - router_logits(moe, flat.bfloat16())).abs().max() > 1e-3  # bf16 would show
+    # only the input's rounding separates it from the float32 run
+    assert (chosen_bf != chosen).float().mean() < 0.1
+    torch.testing.assert_close(gate_bf, gate, atol=0.05, rtol=0)
+    assert math.isfinite(aux) and math.isfinite(z)
+    assert y.shape == (4, 16, 32) and torch.isfinite(y.float()).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("k", [1, 2])
+def test_selection_bias_picks_experts_but_not_gates(name, k):
+    mod = load(name)
+    moe = tiny_moe(mod, moe_top_k=k)
+    flat = randn(50, 32)
+    probs = router_logits(moe, flat).softmax(-1)
+    moe.select_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 100.0]))  # expert 3 always selected
+    with torch.no_grad():
+        chosen, gate = moe.route(flat)
+    assert (chosen == 3).any(-1).all()
+    assert moe.counts[3] == 50
+    assert (probs.argmax(-1) != 3).sum() > 10  # the router itself prefers others
+    p = probs.gather(1, chosen)  # the unbiased probabilities of what was chosen
+    if k == 1:
+        torch.testing.assert_close(gate[:, 0], probs[:, 3], atol=1e-6, rtol=0)
+        assert gate.min() < 0.5  # not softmax(logits + bias), which would be ~1
+    else:
+        torch.testing.assert_close(gate, p / p.sum(-1, keepdim=True), atol=1e-6, rtol=0)
+    # the losses see the router's probabilities, not the biased ones
+    f = moe.counts.float() / chosen.numel()
+    torch.testing.assert_close(moe.aux_loss, 4 * (f * probs.mean(0)).sum(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_moe_survives_a_dtype_cast(name, dtype):
+    """GPT(...).double() (exact references) or .to(torch.bfloat16) (pure-bf16 inference)
+    cast the router too; the router should still run in (at least) float32."""
+    mod = load(name)
+    moe = tiny_moe(mod)
+    x = randn(2, 5, 32)
+    with torch.no_grad():
+        want = moe(x)
+        chosen, gate = moe.route(x.view(-1, 32))
+        moe.to(dtype)
+        got = moe(x.to(dtype))
+        chosen2, gate2 = moe.route(x.view(-1, 32).to(dtype))
+    assert got.dtype == dtype and gate2.dtype in (torch.float32, torch.float64)
+    tol = 1e-5 if dtype == torch.float64 else 0.1
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    if dtype == torch.float64:
+        assert torch.equal(chosen2, chosen)
+        torch.testing.assert_close(gate2.float(), gate, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# 5.2 Dispatch and combine
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("shared", [0, 1, 2])
+def test_dispatch_and_combine_equal_naive_reference(name, k, shared):
+    mod = load(name)
+    moe = double_moe(tiny_moe(mod, moe_top_k=k, n_shared_experts=shared))
+    x = randn(3, 7, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y = moe(x)
+        want = naive_moe(moe, x.view(-1, 32)).view(3, 7, 32)
+    assert y.dtype == torch.float64 and y.shape == x.shape
+    assert (moe.counts > 0).all()  # every expert ran on something
+    assert moe.dropped == 0
+    assert (y - want).abs().max() < 1e-10
+    assert y.abs().max() > 1e-2
+    if shared:  # the shared experts are one SwiGLU as wide as `shared` experts
+        h = mod.expert_hidden(tiny_cfg(mod, moe_top_k=k))
+        assert moe.shared.c_fc.weight.shape == (2 * shared * h, 32)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_expert_shapes_and_default_width(name):
+    mod = load(name)
+    for k, h in ((1, 64), (2, 32), (4, 16)):  # swiglu_hidden(32) = 64, split over k experts
+        cfg = tiny_cfg(mod, moe_top_k=k)
+        assert mod.swiglu_hidden(32) == 64 and mod.expert_hidden(cfg) == h
+        moe = mod.MoE(cfg)
+        assert moe.w_in.shape == (4, 32, 2 * h) and moe.w_out.shape == (4, h, 32)
+        assert moe.router.weight.shape == (4, 32) and moe.router.bias is None
+    assert mod.expert_hidden(tiny_cfg(mod, moe_top_k=2, expert_hidden=24)) == 24
+    assert mod.expert_hidden(tiny_cfg(mod, n_embd=8, n_head=2, moe_top_k=4)) == 16  # floor of 16
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_one_token_and_empty_experts(name):
+    """A single token (decode) visits k experts; the other experts run on nothing."""
+    mod = load(name)
+    moe = double_moe(tiny_moe(mod, moe_top_k=2))
+    x = randn(1, 1, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y = moe(x)
+    assert int((moe.counts > 0).sum()) == 2
+    assert (y.view(1, 32) - naive_moe(moe, x.view(1, 32))).abs().max() < 1e-10
+
+
+# ---------------------------------------------------------------------------------------
+# 5.1 The load-balancing loss and the z-loss
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("k", [1, 2])
+def test_aux_and_z_loss_match_their_formulas(name, k):
+    mod = load(name)
+    moe = tiny_moe(mod, moe_top_k=k)
+    flat = randn(48, 32, seed=5)
+    chosen, _ = moe.route(flat)
+    logits = router_logits(moe, flat)
+    f = torch.bincount(chosen.flatten(), minlength=4).float() / (48 * k)
+    P = logits.softmax(-1).mean(0)
+    torch.testing.assert_close(moe.aux_loss, 4 * (f * P).sum(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(moe.z_loss, torch.logsumexp(logits, -1).pow(2).mean(), atol=1e-5, rtol=1e-6)
+    assert moe.z_loss > 0.1 and abs(moe.aux_loss.item() - 1) > 1e-3
+    # P is differentiable (f is not): the router gets a gradient from the aux loss alone
+    moe.aux_loss.backward()
+    assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().max() > 0
+    assert moe.w_in.grad is None
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("k", [1, 2])
+def test_aux_loss_is_one_when_balanced(name, k):
+    mod = load(name)
+    moe = tiny_moe(mod, moe_top_k=k)
+    # token group e points at expert e first and expert e+1 second: a cyclic, even routing
+    E, n = 4, 6
+    w = torch.zeros(E, 32)
+    w[torch.arange(E), torch.arange(E)] = 1.0
+    x = torch.zeros(E * n, 32)
+    for e in range(E):
+        x[e * n:(e + 1) * n, e] = 3.0
+        x[e * n:(e + 1) * n, (e + 1) % E] = 1.5
+    x += randn(E * n, 32, seed=3) * 0.05
+    with torch.no_grad():
+        moe.router.weight.copy_(w)
+        moe.route(x)
+    assert moe.counts.tolist() == [n * k] * E
+    assert moe.aux_loss.item() == pytest.approx(1.0, abs=1e-2)
+    # uniform probabilities (zero router weights): 1 whatever the selection
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.route(randn(20, 32))
+    assert moe.aux_loss.item() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_aux_loss_grows_when_routing_collapses(name):
+    mod = load(name)
+    moe = tiny_moe(mod, moe_top_k=1)
+    x = randn(32, 32) * 0.1
+    x[:, 0] = 10.0
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0, 0] = 10.0  # every token: logit 100 for expert 0, 0 for the rest
+        moe.route(x)
+    assert moe.counts.tolist() == [32, 0, 0, 0]
+    assert moe.aux_loss.item() == pytest.approx(4.0, abs=1e-3)  # = n_experts
+    # top-2: half the assignments on expert 0, whose probability is ~1 -> E / 2
+    moe.top_k = 2
+    with torch.no_grad():
+        moe.route(x)
+    assert moe.counts[0] == 32
+    assert moe.aux_loss.item() == pytest.approx(2.0, abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------
+# 5.2 Capacity
+# ---------------------------------------------------------------------------------------
+def kept_assignments(chosen, capacity, E):
+    """Each expert keeps its first `capacity` assignments in token order."""
+    keep = torch.zeros_like(chosen, dtype=torch.bool)
+    seen = [0] * E
+    for i in range(chosen.size(0)):
+        for j in range(chosen.size(1)):
+            e = int(chosen[i, j])
+            keep[i, j] = seen[e] < capacity
+            seen[e] += 1
+    return keep
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("k,cf", [(1, 1.0), (2, 0.5), (2, 1.0), (2, 1.25)])
+def test_capacity_drops_overflow(name, k, cf):
+    mod = load(name)
+    moe = double_moe(tiny_moe(mod, moe_top_k=k, capacity_factor=cf, n_shared_experts=0))
+    with torch.no_grad():
+        moe.router.weight[0] += 0.2  # skewed toward expert 0: it overflows
+    x = randn(2, 16, 32, dtype=torch.float64, seed=7) + 0.3
+    flat = x.view(-1, 32)
+    with torch.no_grad():
+        y = moe(x).view(-1, 32)
+    chosen, _ = reference_route(moe, flat)
+    counts = torch.bincount(chosen.flatten(), minlength=4)
+    capacity = math.ceil(cf * 32 * k / 4)
+    want_dropped = int((counts - capacity).clamp(min=0).sum())
+    assert want_dropped > 0 and (counts > 0).sum() >= 3, counts  # overflow, not collapse
+    assert moe.dropped == want_dropped
+    assert torch.equal(moe.counts, counts)  # counts are assignments before dropping
+    keep = kept_assignments(chosen, capacity, 4)
+    assert int((~keep).sum()) == want_dropped
+    assert (y - naive_moe(moe, flat, keep)).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_fully_dropped_tokens_pass_through(name):
+    mod = load(name)
+    moe = double_moe(tiny_moe(mod, moe_top_k=2, capacity_factor=1.0))
+    moe.select_bias.copy_(torch.tensor([50.0, 50.0, 0.0, 0.0]))  # every token picks 0 and 1
+    x = randn(2, 8, 32, dtype=torch.float64, seed=8)  # 16 tokens, 32 assignments, capacity 8
+    with torch.no_grad():
+        y = moe(x)
+    assert moe.counts.tolist() == [16, 16, 0, 0]
+    assert moe.dropped == 16
+    assert torch.equal(y[1], torch.zeros(8, 32, dtype=torch.float64))  # tokens 8..15: nothing
+    assert (y[0].abs().sum(-1) > 1e-3).all()  # tokens 0..7 kept both experts
+    keep = kept_assignments(moe.route(x.view(-1, 32))[0], 8, 4)
+    assert (y.view(-1, 32) - naive_moe(moe, x.view(-1, 32), keep)).abs().max() < 1e-10
+
+    # in a block: the residual stream of a dropped token gets the attention part only
+    torch.manual_seed(0)
+    block = perturb_(mod.Block(tiny_cfg(mod, moe_top_k=2, capacity_factor=1.0), layer=0)).eval()
+    assert isinstance(block.mlp, mod.MoE)
+    block.mlp.select_bias.copy_(torch.tensor([50.0, 50.0, 0.0, 0.0]))
+    xb = randn(2, 8, 32, seed=9)
+    with torch.no_grad():
+        after_attn = xb + block.attn(block.ln_1(xb))
+        out = block(xb)
+    assert torch.equal(out[1], after_attn[1])
+    assert (out[0] - after_attn[0]).abs().max() > 1e-3
+
+    # dropless (0) and a roomy capacity (4 x 32 / 4 = 32 slots) drop nothing
+    for cf in (0.0, 4.0):
+        moe = double_moe(tiny_moe(mod, moe_top_k=2, capacity_factor=cf))
+        moe.select_bias.copy_(torch.tensor([50.0, 50.0, 0.0, 0.0]))
+        with torch.no_grad():
+            y2 = moe(x)
+        assert moe.dropped == 0
+        assert (y2.view(-1, 32) - naive_moe(moe, x.view(-1, 32))).abs().max() < 1e-10
+        assert (y2[1].abs().sum(-1) > 1e-3).all()
+        assert torch.equal(y2[0], y[0])  # the kept tokens are untouched by the capacity
+
+
+# ---------------------------------------------------------------------------------------
+# 5.1 Auxiliary-loss-free balancing
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+def test_update_bias_moves_toward_underused_experts(name):
+    mod = load(name)
+    moe = tiny_moe(mod)
+    moe.counts = torch.tensor([10, 0, 2, 4])  # mean 4
+    moe.select_bias.copy_(torch.tensor([0.5, 0.0, 0.0, 0.0]))
+    moe.update_bias(0.1)
+    torch.testing.assert_close(moe.select_bias, torch.tensor([0.4, 0.1, 0.1, 0.0]), atol=1e-7, rtol=0)
+    assert not moe.select_bias.requires_grad
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("k", [1, 2])
+def test_bias_balancing_reduces_max_load(name, k):
+    mod = load(name)
+    moe = tiny_moe(mod, moe_top_k=k)
+    with torch.no_grad():
+        moe.router.weight[0] += 0.2  # expert 0 is everyone's favourite
+    flat = randn(128, 32, seed=11) + 0.5
+    shares = []
+    with torch.no_grad():
+        for _ in range(50):
+            moe.route(flat)
+            share = moe.counts.float() / moe.counts.sum()
+            shares.append((share.min().item(), share.max().item()))
+            moe.update_bias(0.1)
+    first, last = shares[0], shares[-10:]
+    assert first[1] > 0.4 and first[0] < 0.1  # skewed at the start (max share 1/k)
+    assert max(s[1] for s in last) < min(0.3, first[1] - 0.1)
+    assert min(s[0] for s in last) > 0.2  # the starved expert gets its share
+    assert moe.select_bias[0] < 0 and moe.select_bias[1:].max() > 0
+
+
+# ---------------------------------------------------------------------------------------
+# 5.4 Hybrid placement, parameter counts, the router loss, gradients
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("every,n_experts,want", [(2, 4, [0, 1, 0, 1]), (1, 4, [1, 1, 1, 1]),
+                                                  (3, 4, [0, 0, 1, 0]), (4, 4, [0, 0, 0, 1]),
+                                                  (5, 4, [0, 0, 0, 0]), (1, 0, [0, 0, 0, 0])])
+def test_moe_every_places_moe_blocks(name, every, n_experts, want):
+    mod = load(name)
+    model = mod.GPT(tiny_cfg(mod, n_layer=4, moe_every=every, n_experts=n_experts))
+    got = [int(isinstance(b.mlp, mod.MoE)) for b in model.h]
+    assert got == want
+    assert model.moe_layers() == [b.mlp for b in model.h if isinstance(b.mlp, mod.MoE)]
+    for b in model.h:
+        if not isinstance(b.mlp, mod.MoE):
+            assert isinstance(b.mlp, mod.SwiGLU)
+    if not any(want):
+        assert model.active_params() == model.num_params()
+        assert float(model.router_loss()) == 0.0
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("k,every,shared,eh", [(1, 1, 0, 0), (2, 1, 0, 0), (2, 2, 0, 0), (4, 1, 0, 0),
+                                               (2, 1, 1, 0), (3, 1, 0, 24), (2, 3, 2, 40)])
+def test_active_params(name, k, every, shared, eh):
+    mod = load(name)
+    C, L, E = 32, 3, 4
+    cfg = tiny_cfg(mod, n_layer=L, moe_top_k=k, moe_every=every, n_shared_experts=shared,
+                   expert_hidden=eh)
+    model = mod.GPT(cfg)
+    dense = mod.GPT(dataclasses.replace(cfg, n_experts=0))
+    h, hd = mod.expert_hidden(cfg), mod.swiglu_hidden(C)
+    n_moe = len([i for i in range(L) if i % every == every - 1])
+    assert len(model.moe_layers()) == n_moe
+    per_expert = 3 * C * h
+    # total: the dense model with each MoE block's MLP swapped for router + experts + shared
+    assert model.num_params() == dense.num_params() + n_moe * (C * E + E * per_expert
+                                                               + shared * per_expert - 3 * C * hd)
+    assert model.active_params() == model.num_params() - n_moe * (E - k) * per_expert
+    # FLOPs per token follow the active parameters
+    assert model.flops_per_token() - dense.flops_per_token() == \
+        6 * (model.active_params() - dense.num_params())
+    if not eh and not shared:  # the default width: a token's MLP matches the dense one
+        active_mlp_diff = model.active_params() - n_moe * C * E - dense.num_params()
+        if hd % k == 0:
+            assert active_mlp_diff == 0
+        else:
+            assert abs(active_mlp_diff) <= n_moe * 3 * C * k
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("k", [1, 2])
+def test_router_loss_only_in_training(name, k):
+    mod = load(name)
+    model = tiny_gpt(mod, moe_top_k=k, n_layer=3, moe_every=1, aux_loss_coef=0.5, z_loss_coef=0.1)
+    idx, tgt = tokens((4, 16), seed=3), tokens((4, 16), seed=4)
+    model.train()
+    _, train_loss = model(idx, tgt)
+    rl = model.router_loss()
+    by_hand = sum(0.5 * m.aux_loss + 0.1 * m.z_loss for m in model.moe_layers())
+    model.eval()
+    with torch.no_grad():
+        logits, eval_loss = model(idx, tgt)
+    ce = F.cross_entropy(logits.view(-1, logits.size(-1)), tgt.view(-1))
+    torch.testing.assert_close(eval_loss, ce, atol=1e-5, rtol=0)
+    assert rl.item() > 0.1
+    torch.testing.assert_close(rl, by_hand, atol=1e-6, rtol=0)
+    assert train_loss.item() - eval_loss.item() == pytest.approx(rl.item(), abs=1e-4)
+    # the same layers' losses were set by the eval forward too: routing is mode-independent
+    torch.testing.assert_close(model.router_loss(), rl.detach(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("k,shared,aux", [(1, 0, 0.0), (2, 0, 0.0), (2, 1, 0.01), (1, 1, 0.01)])
+def test_every_parameter_gets_a_gradient(name, k, shared, aux):
+    """With aux_loss_coef = z_loss_coef = 0 the router still learns: its gradient comes
+    through the gates (Switch's p for k = 1, renormalized gates for k = 2)."""
+    mod = load(name)
+    model = tiny_gpt(mod, moe_top_k=k, n_shared_experts=shared, aux_loss_coef=aux,
+                     z_loss_coef=aux / 10, moe_every=1).train()
+    idx, tgt = tokens((4, 16), seed=5), tokens((4, 16), seed=6)
+    _, loss = model(idx, tgt)
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, pname
+        assert torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().max() > 0, pname
+    for moe in model.moe_layers():
+        assert moe.router.weight.grad.abs().max() > 1e-8
+        for e in range(4):
+            used = bool(moe.counts[e] > 0)
+            assert (moe.w_in.grad[e].abs().max() > 0) == used
+            assert (moe.w_out.grad[e].abs().max() > 0) == used
+        assert (moe.counts > 0).sum() >= 3
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_cached_generation_with_moe_equals_uncached(name):
+    mod = load(name)
+    model = tiny_gpt(mod, n_shared_experts=1, moe_every=2)
+    prompt = tokens((3, 5))
+    a = mod.generate(model, prompt, 11, temperature=0, use_cache=True)
+    b = mod.generate(model, prompt, 11, temperature=0, use_cache=False)
+    assert torch.equal(a, b)
+    assert len(set(a[:, 5:].flatten().tolist())) > 3
+
+
+# ---------------------------------------------------------------------------------------
+# Flags and checkpoints
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("args", [["--n_experts", "4", "--moe_top_k", "5"],
+                                  ["--n_experts", "4", "--moe_top_k", "0"],
+                                  ["--capacity_factor", "-1"], ["--balance", "foo"],
+                                  ["--moe_every", "0"], ["--compare", "--n_experts", "0"],
+                                  ["--n_experts", "-1"], ["--n_shared_experts", "-1"],
+                                  ["--expert_hidden", "-2"], ["--bias_rate", "-0.1"],
+                                  ["--aux_loss_coef", "-1"], ["--z_loss_coef", "-1"]])
+def test_bad_flags_exit_2(name, args, tmp_path, capsys):
+    mod = load(name)
+    with pytest.raises(SystemExit) as e:
+        mod.main(args + ["--out_dir", str(tmp_path / "out"), "--data_dir", str(tmp_path / "d"),
+                         "--data", str(tmp_path / "missing.txt"), "--device", "cpu"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    assert "missing.txt" not in err[0]  # the flag is caught before the data is read
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_good_moe_flags_pass_validation(name):
+    mod = load(name)
+    for args in (["--n_experts", "4", "--moe_top_k", "4"], ["--n_experts", "0", "--moe_top_k", "9"],
+                 ["--capacity_factor", "0"], ["--balance", "bias"], ["--moe_every", "3"],
+                 ["--compare"]):
+        mod.validate(mod.parse_args(args))  # no SystemExit
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("field,value", [("n_experts", 8), ("moe_top_k", 1), ("expert_hidden", 24),
+                                         ("moe_every", 2), ("n_shared_experts", 1)])
+def test_checkpoint_of_another_moe_shape_is_refused(name, field, value, tmp_path, capsys):
+    mod = load(name)
+    cfg = tiny_cfg(mod)
+    path = str(tmp_path / "ckpt.pt")
+    model = mod.GPT(cfg)
+    mod.save_checkpoint(path, {"model": model.state_dict(), "config": dataclasses.asdict(cfg),
+                               "step": 1, "val_loss": 1.0})
+    assert mod.load_checkpoint(path, cfg, "cpu")["step"] == 1
+    with pytest.raises(SystemExit) as e:
+        mod.load_checkpoint(path, dataclasses.replace(cfg, **{field: value}), "cpu")
+    assert e.value.code == 2
+    assert f"--{field}" in capsys.readouterr().err
+    # the selection bias is state: it travels with the weights
+    assert any(k.endswith("select_bias") for k in model.state_dict())
+
+
+# ---------------------------------------------------------------------------------------
+# Training and the milestone
+# ---------------------------------------------------------------------------------------
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16",
+        "--batch_size", "8", "--n_experts", "4", "--moe_top_k", "2", "--device", "cpu",
+        "--dtype", "float32", "--tokenizer", "byte", "--num_samples", "1",
+        "--max_new_tokens", "4", "--warmup_steps", "5", "--learning_rate", "3e-3"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_expert_load_reports_shares(name, shakespeare):
+    mod = load(name)
+    cfg = tiny_cfg(mod, vocab_size=256, batch_size=8, capacity_factor=1.0, moe_every=1)
+    model = tiny_gpt(mod, vocab_size=256, capacity_factor=1.0).train()
+    data = np.frombuffer(open(shakespeare, "rb").read()[:20_000], dtype=np.uint8)
+    layers = mod.expert_load(model, data, cfg, "cpu", torch.float32)
+    assert len(layers) == len(model.moe_layers()) == 2
+    assert model.training
+    for row, moe in zip(layers, model.moe_layers()):
+        share = moe.counts.float() / moe.counts.sum()
+        assert moe.counts.sum() == 8 * 16 * 2
+        assert row["min"] == pytest.approx(share.min().item())
+        assert row["max"] == pytest.approx(share.max().item())
+        assert row["min"] <= 0.25 <= row["max"]
+        assert row["dropped"] == pytest.approx(moe.dropped / (8 * 16 * 2))
+    assert any(r["dropped"] > 0 for r in layers)  # a perturbed router overflows capacity 1.0
+
+
+def test_milestone_compare(tmp_path, shakespeare):
+    mod = load("part05")
+    out = tmp_path / "out"
+    s = mod.main(TINY + ["--compare", "--data", shakespeare, "--data_dir", str(tmp_path / "data"),
+                         "--out_dir", str(out), "--max_steps", "30", "--eval_interval", "15",
+                         "--eval_iters", "2"])
+    assert read_summary(out) == s
+    rows = s["compare"]
+    assert set(rows) == {"dense", "moe"}
+    keys = {"total_params", "active_params", "tokens_per_s", "val_loss", "val_bpb", "load_min",
+            "load_max", "dropped_pct"}
+    for r in rows.values():
+        assert keys <= set(r)
+        assert r["tokens_per_s"] > 0 and r["steps"] == 30
+        assert math.isfinite(r["val_loss"]) and r["val_loss"] < math.log(256)
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) / s["bytes_per_token"])
+    dense, moe = rows["dense"], rows["moe"]
+    assert dense["total_params"] == dense["active_params"]
+    assert dense["load_min"] is None and dense["layers"] == [] and dense["dropped_pct"] == 0
+    assert moe["total_params"] > dense["total_params"]
+    assert moe["active_params"] == pytest.approx(dense["active_params"], rel=0.02)
+    assert moe["load_min"] <= 1 / 4 <= moe["load_max"]
+    assert moe["load_max"] < 1 and len(moe["layers"]) == 2
+    assert moe["dropped_pct"] == 0  # dropless by default
+    assert (out / "compare" / "dense").is_dir() and (out / "compare" / "moe").is_dir()
+
+
+@pytest.mark.parametrize("extra,bias", [([], False),
+                                        (["--balance", "bias", "--bias_rate", "0.01",
+                                          "--moe_top_k", "1", "--capacity_factor", "1.25"], True)])
+def test_main_trains_an_moe(tmp_path, shakespeare, extra, bias):
+    mod = load("part05")
+    out = tmp_path / "out"
+    s = mod.main(TINY + ["--data", shakespeare, "--data_dir", str(tmp_path / "data"),
+                         "--out_dir", str(out), "--max_steps", "40", "--eval_interval", "20",
+                         "--eval_iters", "2"] + extra)
+    assert s["steps"] == 40
+    assert s["val_loss"] < math.log(256) - 0.5  # it learned something in 40 steps
+    assert read_summary(out)["val_loss"] == s["val_loss"]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    sd = ckpt["model"]
+    biases = [v for k, v in sd.items() if k.endswith("select_bias")]
+    assert len(biases) == 2
+    routers = [k for k in sd if k.endswith("router.weight")]
+    assert len(routers) == 2 and all(sd[k].dtype == torch.float32 for k in routers)
+    if bias:  # the bias moved in steps of bias_rate, at most one per step
+        for b in biases:
+            assert b.abs().max() > 0
+            steps = b / 0.01
+            torch.testing.assert_close(steps, steps.round(), atol=1e-3, rtol=0)
+            assert b.abs().max() <= 40 * 0.01 + 1e-6
+    else:
+        assert all(torch.equal(b, torch.zeros(4)) for b in biases)
+    cfg = tiny_cfg(mod, vocab_size=256, **({"moe_top_k": 1} if bias else {}))
+    model = mod.GPT(cfg)
+    assert s["params"] == model.num_params()
