@@ -15,13 +15,15 @@ New in this part
 
 Run
   python part05_moe.py                          # an 8-expert top-2 MoE GPT on a CPU
-  python part05_moe.py --compare                # the milestone: dense vs MoE, same active params
+  python part05_moe.py --compare --tokenizer byte   # the milestone: dense vs MoE, same active params
   python part05_moe.py --moe_top_k 1 --capacity_factor 1.25 --balance bias
 
 Milestone: `--compare` trains a dense model and an MoE with the same active parameters per
 token for the same steps on the same data and seed, and prints total and active params,
 tokens/s, val loss and bpb, per-layer expert load (min and max share of assignments) and
 the dropped-assignment percentage. out/part05/summary.json: `compare` with `dense` and `moe`.
+Byte tokens: with BPE the 281k-token Tiny Shakespeare split is repeated ~7 times and the
+extra parameters only memorize it (the README has both runs).
 """
 
 import argparse
