@@ -78,3 +78,33 @@ def random_strings(n, seed=0, extra=()):
     while len(out) < n:
         out.append("".join(rng.choice(pieces)() for _ in range(rng.randrange(1, 40))))
     return out
+
+
+def expect_exit_2(capsys, fn, *args):
+    """fn(*args) must end with SystemExit(2) and exactly one stderr line 'error: ...'."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    return err[0]
+
+
+def randomize_(module, seed=0, scale=0.3):
+    """Replace every parameter by noise (biases start at zero, norms at one): next-token
+    distributions are far from uniform, so equality tests bite."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return module
+
+
+def perturb_(module, seed=0, scale=0.3):
+    """Add noise to every parameter: the model (and its routing) is far from uniform."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return module

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import load, part_names, read_summary
+from conftest import load, part_names, randomize_, read_summary
 
 ALL = part_names(1)
 
@@ -42,15 +42,6 @@ def need(mod, name):
     if obj is None:
         pytest.skip(f"{mod.__name__} has no {name}")
     return obj
-
-
-def randomize_(module, seed=0):
-    """Non-trivial weights and biases (biases start at zero, LayerNorm at ones)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return module
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load, part_names, random_strings, read_summary, unused_port
+from conftest import (expect_exit_2, load, part_names, random_strings,
+                      randomize_, read_summary, unused_port)
 
 ALL = part_names(2)
 LN256 = math.log(256)
@@ -73,30 +74,10 @@ def small_text(tmp_path, n=4000, name="small.txt"):
     return write(tmp_path / name, text[:n])
 
 
-def randomize_(module, seed=0, scale=0.3):
-    """Non-trivial weights, so that next-token distributions are far from uniform."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return module
-
-
 def tiny_model(mod, tmp_path, seed=0, **kw):
     cfg = tiny_cfg(mod, tmp_path, **kw)
     torch.manual_seed(seed)
     return cfg, randomize_(mod.GPT(cfg), seed).eval()
-
-
-def expect_exit_2(capsys, fn, *args):
-    """fn(*args) must end with SystemExit(2) and exactly one stderr line 'error: ...'."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        fn(*args)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:"), err
-    return err[0]
 
 
 def train_tiny(mod, tmp_path, text_path, **kw):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load, part_names, read_summary
+from conftest import load, part_names, perturb_, read_summary
 
 ALL = part_names(3)
 
@@ -37,15 +37,6 @@ def tiny_cfg(mod, **kw):
     base.update({k: v for k, v in MODERN.items() if k in fields})
     base.update(kw)
     return mod.Config(**base)
-
-
-def perturb_(module, seed=0, scale=0.3):
-    """Add noise to every parameter: the model is far from uniform, so equalities bite."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return module
 
 
 def tiny_gpt(mod, seed=0, **kw):

@@ -21,7 +21,8 @@ import pytest
 import regex
 import torch
 
-from conftest import ROOT, load, part_names, random_strings, read_summary, unused_port
+from conftest import (ROOT, expect_exit_2, load, part_names,
+                      random_strings, randomize_, read_summary, unused_port)
 
 ALL = part_names(4)
 SPECIAL = "<|endoftext|>"
@@ -30,17 +31,6 @@ SPECIAL = "<|endoftext|>"
 # ---------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------
-def expect_exit_2(capsys, fn, *args):
-    """fn(*args) must end with SystemExit(2) and exactly one stderr line 'error: ...'."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        fn(*args)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:"), err
-    return err[0]
-
-
 def write(path, content):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,14 +88,6 @@ def tiny_cfg(mod, **kw):
         base["n_experts"] = 0  # dense, as in part04 (part05 makes MoE the default)
     base.update(kw)
     return mod.Config(**base)
-
-
-def randomize_(module, seed=0, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return module
 
 
 # near misses of the special token, and ordinary text, beside conftest's hard cases
