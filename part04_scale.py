@@ -20,7 +20,7 @@ Run
   python part04_scale.py                                  # BPE + modern GPT, < 3 min on a CPU
   python part04_scale.py --resume                         # continue the run in out/part04
   python part04_scale.py --device cuda --n_layer 8 --n_embd 512 --n_head 8 --block_size 256 \
-      --batch_size 64 --max_steps 2000 --tokenizer byte   # a 25M model on one GPU (README)
+      --batch_size 64 --max_steps 2000 --tokenizer byte   # a 25M model on one GPU (not yet timed)
   torchrun --nproc_per_node=8 part04_scale.py --device cuda ...   # the same on 8 GPUs
 
 Milestone: validation bits per byte of the default run (BPE, CPU, 3 minutes) and of the
