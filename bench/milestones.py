@@ -1,6 +1,6 @@
 """Run the milestone of each part with its default flags and print one table.
 
-  python bench/milestones.py --data ../shared/data/tinyshakespeare.txt            # parts 01-03
+  python bench/milestones.py --data ../shared/data/tinyshakespeare.txt            # parts 01-05
   python bench/milestones.py --data ... --parts 02 03 --ablate                    # + part03's table
 
 Each part runs in its own process (as a user would run it) with --out_dir under
@@ -22,6 +22,8 @@ FIGURES = {  # part -> the summary keys that make its milestone
     "01": ["final_loss", "steps", "exact_match", "wall_s"],
     "02": ["val_loss", "val_bpb", "tokens_per_s", "steps", "wall_s"],
     "03": ["val_loss", "val_bpb", "tokens_per_s", "steps", "kv_speedup", "wall_s"],
+    "04": ["val_loss", "val_bpb", "bytes_per_token", "tokens_per_s", "steps", "wall_s"],
+    "05": ["val_loss", "val_bpb", "bytes_per_token", "tokens_per_s", "steps", "wall_s"],
 }
 
 
@@ -51,7 +53,7 @@ def fmt(v):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="--data passed to parts 02 and later")
-    ap.add_argument("--parts", nargs="+", default=["01", "02", "03"])
+    ap.add_argument("--parts", nargs="+", default=["01", "02", "03", "04", "05"])
     ap.add_argument("--ablate", action="store_true", help="also run part03 --ablate")
     args = ap.parse_args()
     out_root = ROOT / "out" / "bench"
