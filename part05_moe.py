@@ -1004,10 +1004,13 @@ class GPT(nn.Module):
     def new_cache(self):
         return KVCache(self.cfg.n_layer, self.cfg.block_size, self.cfg.window, self.cfg.sink)
 
-    def rope(self, pos):
-        if pos[-1] < self.rope_cos.size(0):  # the precomputed table covers the context
-            return self.rope_cos[pos], self.rope_sin[pos]
-        return rope_angles(pos, self.cfg.n_embd // self.cfg.n_head)  # streaming past it
+    def rope(self, start, end):
+        """cos, sin for positions start..end-1: a view of the precomputed table, or
+        computed afresh when a stream runs past it."""
+        if end <= self.rope_cos.size(0):
+            return self.rope_cos[start:end], self.rope_sin[start:end]
+        pos = torch.arange(start, end, device=self.rope_cos.device)
+        return rope_angles(pos, self.cfg.n_embd // self.cfg.n_head)
 
     def forward(self, idx, targets=None, cache=None):
         B, T = idx.shape
@@ -1019,7 +1022,7 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
         x = self.drop(x)
-        rope = self.rope(pos) if self.wpe is None else None
+        rope = self.rope(start, start + T) if self.wpe is None else None
         for i, block in enumerate(self.h):
             x = block(x, pos, rope, cache, i)
         if cache is not None:
