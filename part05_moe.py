@@ -1225,10 +1225,12 @@ def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, 
             out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t0 - eval_s >= cfg.max_seconds
             stop = bool(interrupted) or out_of_time
             if world > 1:  # every rank must stop on the same step: they agree at logging steps
-                flag = torch.tensor(float(stop and step % cfg.log_interval == 0), device=device)
-                if step % cfg.log_interval == 0:
+                if step % cfg.log_interval == 0:  # a host sync on logging steps only
+                    flag = torch.tensor(float(stop), device=device)
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop = bool(flag)
+                    stop = bool(flag)
+                else:
+                    stop = False
             stopping = stop or step == cfg.max_steps
 
             if step % cfg.log_interval == 0 or step == first_step + 1 or stopping:

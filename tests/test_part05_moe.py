@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load, part_names, perturb_, read_summary
+from conftest import expect_exit_2, load, part_names, perturb_, read_summary
 
 ALL = part_names(5)
 
@@ -568,13 +568,10 @@ def test_cached_generation_with_moe_equals_uncached(name):
                                   ["--aux_loss_coef", "-1"], ["--z_loss_coef", "-1"]])
 def test_bad_flags_exit_2(name, args, tmp_path, capsys):
     mod = load(name)
-    with pytest.raises(SystemExit) as e:
-        mod.main(args + ["--out_dir", str(tmp_path / "out"), "--data_dir", str(tmp_path / "d"),
-                         "--data", str(tmp_path / "missing.txt"), "--device", "cpu"])
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:"), err
-    assert "missing.txt" not in err[0]  # the flag is caught before the data is read
+    err = expect_exit_2(capsys, mod.main, args + ["--out_dir", str(tmp_path / "out"),
+                                                  "--data_dir", str(tmp_path / "d"), "--data",
+                                                  str(tmp_path / "missing.txt"), "--device", "cpu"])
+    assert "missing.txt" not in err  # the flag is caught before the data is read
     assert not (tmp_path / "out" / "summary.json").exists()
 
 
