@@ -6,9 +6,15 @@ New in this part
       (`--aux_loss_coef`); the router z-loss (`--z_loss_coef`); or auxiliary-loss-free
       balancing with a per-expert selection bias (`--balance bias`, DeepSeek-V3).
   5.2 The MoE layer (`MoE`): SwiGLU experts held as stacked weights; assignments sorted by
-      expert so each expert runs once on a contiguous slice; outputs scattered back with
-      their gates by index_add_; `--capacity_factor` drops overflow (0 = dropless); shared
-      always-on experts (`--n_shared_experts`, DeepSeekMoE).
+      expert so each expert runs once on a contiguous slice, all of them in one
+      F.grouped_mm call where torch has the kernel (`--grouped_mm`), else a loop over
+      experts; outputs scattered back with their gates by index_add_; `--capacity_factor`
+      drops overflow (0 = dropless); shared always-on experts (`--n_shared_experts`, DeepSeekMoE).
+  5.3 Expert parallelism (`--expert_parallel` under torchrun): each process holds
+      n_experts / world experts of every MoE layer; tokens travel to their expert's process
+      and back with all_to_all_single (uneven splits); expert weights stay out of DDP's
+      averaging, the gradient norm is taken over every rank's experts, checkpoints gather
+      every expert; the bytes sent per step are logged.
   5.4 Hybrid models: MoE in every k-th block (`--moe_every`), dense MLPs elsewhere.
   The default expert is the dense SwiGLU width split over top_k experts: a token's FLOPs
   equal the dense model's while the parameters grow n_experts / top_k times.
@@ -17,6 +23,7 @@ Run
   python part05_moe.py                          # an 8-expert top-2 MoE GPT on a CPU
   python part05_moe.py --compare --tokenizer byte   # the milestone: dense vs MoE, same active params
   python part05_moe.py --moe_top_k 1 --capacity_factor 1.25 --balance bias
+  torchrun --nproc_per_node=2 part05_moe.py --expert_parallel   # each process holds half the experts
 
 Milestone: `--compare` trains a dense model and an MoE with the same active parameters per
 token for the same steps on the same data and seed, and prints total and active params,
@@ -94,6 +101,8 @@ class Config:
     z_loss_coef: float = 0.001  # weight of the router z-loss
     balance: str = "aux"  # aux (the auxiliary loss) | bias (auxiliary-loss-free, DeepSeek-V3)
     bias_rate: float = 0.001  # --balance bias: step of the per-expert selection bias
+    grouped_mm: str = "auto"  # experts in one F.grouped_mm call: auto (where torch has a kernel) | true | false (a loop)
+    expert_parallel: bool = False  # under torchrun: each process holds n_experts / world of every MoE layer's experts
     dropout: float = 0.0  # dropout on embeddings, attention weights and residual branches
     flash: bool = True  # attention through F.scaled_dot_product_attention (false: written out)
     # training
@@ -837,6 +846,23 @@ def expert_hidden(cfg):
     return cfg.expert_hidden or max(16, swiglu_hidden(cfg.n_embd) // cfg.moe_top_k)
 
 
+class AllToAll(torch.autograd.Function):
+    """5.3 dist.all_to_all_single with a gradient. Rows [sum(in_splits[:j]), +in_splits[j])
+    of x go to rank j; out_splits[j] rows arrive from rank j, in rank order. The gradient
+    of each received row goes back to its sender: the same exchange with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits):
+        ctx.splits = in_splits, out_splits
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllToAll.apply(grad, *ctx.splits), None, None
+
+
 class MoE(nn.Module):
     """A router sends each token to top_k of n_experts SwiGLU experts and mixes their outputs
     with its gate weights: many more parameters, the same FLOPs per token.
@@ -851,6 +877,7 @@ class MoE(nn.Module):
         super().__init__()
         E, C, h = cfg.n_experts, cfg.n_embd, expert_hidden(cfg)
         self.n_experts, self.top_k, self.capacity_factor = E, cfg.moe_top_k, cfg.capacity_factor
+        self.grouped_mm = cfg.grouped_mm
         self.router = nn.Linear(C, E, bias=False)  # kept and run in float32
         self.w_in = nn.Parameter(torch.randn(E, C, 2 * h) * 0.02)  # per expert: gate and up
         self.w_out = nn.Parameter(torch.randn(E, h, C) * 0.02 / math.sqrt(2 * cfg.n_layer))
@@ -859,6 +886,8 @@ class MoE(nn.Module):
         self.aux_loss = self.z_loss = torch.zeros(())
         self.counts = torch.zeros(E)  # assignments per expert in the last forward
         self.dropped = 0  # assignments dropped for capacity in the last forward
+        self.rank, self.world = 0, 1  # 5.3 this process holds experts [rank*E/world, (rank+1)*E/world)
+        self.bytes_sent = 0  # 5.3 all-to-all bytes this rank sent in training forwards
 
     def route(self, flat):
         """(N, C) -> chosen experts (N, k) and their gate weights (N, k); sets the losses."""
@@ -878,8 +907,35 @@ class MoE(nn.Module):
         self.z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()  # keeps logits small (ST-MoE)
         return chosen, gate
 
+    def matmul_dtype(self, xs):
+        """The dtype the expert matmuls run in: autocast's where it is on, else the input's."""
+        device = xs.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xs.dtype
+
+    def use_grouped(self, xs, dtype):
+        """F.grouped_mm (torch >= 2.10) runs every expert in one call. Its kernels want rows
+        of a multiple of 16 bytes, in bf16 on a CPU or an sm80+ GPU; a CPU also runs float32,
+        but torch.compile does not trace it."""
+        if self.grouped_mm != "auto":
+            return self.grouped_mm == "true"
+        if not hasattr(F, "grouped_mm") or self.w_in.size(1) % 8 or self.w_out.size(1) % 8:
+            return False
+        if xs.device.type == "cpu":
+            return dtype == torch.bfloat16 or (dtype == torch.float32 and not torch.compiler.is_compiling())
+        return (xs.device.type == "cuda" and dtype == torch.bfloat16
+                and torch.cuda.get_device_capability(xs.device) >= (8, 0))
+
     def run_experts(self, xs, counts):
-        """Expert e's SwiGLU on rows [start_e, start_e + counts[e]) of the sorted tokens xs."""
+        """Local expert e's SwiGLU on rows [start_e, start_e + counts[e]) of the sorted xs."""
+        dtype = self.matmul_dtype(xs)
+        if self.use_grouped(xs, dtype):  # one kernel; offs[e] = the row where expert e ends
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+            gate, up = F.grouped_mm(xs.to(dtype), self.w_in.to(dtype), offs=offs).chunk(2, dim=-1)
+            return F.grouped_mm(F.silu(gate) * up, self.w_out.to(dtype), offs=offs)  # (M, h) -> (M, C)
+        return self.loop_experts(xs, counts)
+
+    @torch.compiler.disable  # slice sizes change every step: compiled, each would recompile
+    def loop_experts(self, xs, counts):
         outs, start = [], 0
         for e, n in enumerate(counts.tolist()):
             if n:
@@ -887,6 +943,27 @@ class MoE(nn.Module):
                 outs.append((F.silu(gate) * up) @ self.w_out[e])  # (n, h) -> (n, C)
             start += n
         return torch.cat(outs) if outs else xs[:0]
+
+    @torch.compiler.disable  # split sizes change every step: compiled, each would recompile
+    def run_remote(self, xs, counts):
+        """5.3 Expert parallelism: send each sorted row to the rank that holds its expert,
+        run the local experts on what arrives from every rank, send the outputs back.
+        counts (E,): this rank's rows per expert; expert j*n + e is local expert e of rank j."""
+        world, n = self.world, self.n_experts // self.world
+        xs = xs.to(self.matmul_dtype(xs))  # send what the experts compute in: bf16 halves the bytes
+        recv = torch.empty_like(counts)  # recv[j*n + e]: rows rank j sends to my expert e
+        dist.all_to_all_single(recv, counts)  # every rank learns what will arrive
+        recv = recv.view(world, n)
+        send_splits, recv_splits = counts.view(world, n).sum(1).tolist(), recv.sum(1).tolist()
+        got = AllToAll.apply(xs, recv_splits, send_splits)  # (R, C) by source rank, then expert
+        expert = torch.repeat_interleave(torch.arange(n, device=xs.device).repeat(world), recv.flatten())
+        order = torch.argsort(expert, stable=True)  # (R,) the received rows grouped by local expert
+        out = self.run_experts(got[order], recv.sum(0))[torch.argsort(order)]  # back to arrival order
+        if self.training:  # rows that leave this rank, there and back (the backward: as much again)
+            there = (sum(send_splits) - send_splits[self.rank]) * xs[:1].nbytes
+            back = (sum(recv_splits) - recv_splits[self.rank]) * out[:1].nbytes
+            self.bytes_sent += there + back
+        return AllToAll.apply(out, send_splits, recv_splits)  # (M, C) in this rank's sorted order
 
     def forward(self, x):
         B, T, C = x.shape
@@ -903,17 +980,33 @@ class MoE(nn.Module):
             keep = torch.arange(order.numel(), device=x.device) - first[expert_of[order]] < capacity
             token_of, gate_of, counts = token_of[keep], gate_of[keep], counts.clamp(max=capacity)
             self.dropped = int(order.numel() - keep.sum())
-        out = self.run_experts(flat[token_of], counts)  # (M, C) in expert order
+        run = self.run_experts if self.world == 1 else self.run_remote
+        out = run(flat[token_of], counts)  # (M, C) in expert order
         y = torch.zeros_like(flat).index_add_(0, token_of, (out * gate_of[:, None]).to(flat.dtype))
         if self.shared is not None:
             y = y + self.shared(flat)
         return y.view(B, T, C)
+
+    def shard_experts(self, rank, world):
+        """5.3 Keep experts [rank*n, (rank+1)*n), n = n_experts / world, on this process.
+        Under DDP the other weights average their gradients over the ranks; an expert's
+        gradient instead sums what every rank's tokens sent back through it, so its hook
+        divides by world to give the same step."""
+        n = self.n_experts // world
+        for name in ("w_in", "w_out"):
+            shard = nn.Parameter(getattr(self, name).detach()[rank * n:(rank + 1) * n].clone())
+            shard.expert_shard = True
+            shard.register_hook(lambda grad: grad / world)
+            setattr(self, name, shard)
+        self.rank, self.world = rank, world
 
     @torch.no_grad()
     def update_bias(self, rate):
         """Auxiliary-loss-free balancing (DeepSeek-V3): after each step, raise the selection
         bias of experts that got fewer assignments than average, lower it for the others."""
         load = self.counts.float()
+        if dist.is_initialized():  # the global batch's load: every rank moves the bias alike
+            dist.all_reduce(load)
         self.select_bias += rate * torch.sign(load.mean() - load)
 
 
@@ -979,9 +1072,13 @@ class GPT(nn.Module):
 
     def active_params(self):
         """Parameters a token uses: every MoE layer counts top_k of its routed experts."""
-        unused = sum((m.n_experts - m.top_k) * (m.w_in[0].numel() + m.w_out[0].numel())
-                     for m in self.moe_layers())
-        return self.num_params() - unused
+        routed = [p for m in self.moe_layers() for p in (m.w_in, m.w_out)]
+        rest = self.num_params() - sum(p.numel() for p in routed)
+        return rest + sum(m.top_k * (m.w_in[0].numel() + m.w_out[0].numel()) for m in self.moe_layers())
+
+    def expert_shards(self):
+        """5.3 The parameters of which this process holds one shard (none without --expert_parallel)."""
+        return [p for p in self.parameters() if getattr(p, "expert_shard", False)]
 
     def router_loss(self):
         """What the routers add to the training loss: load balancing and z-loss."""
@@ -1119,6 +1216,62 @@ def save_checkpoint(path, ckpt):
             os.remove(tmp)
 
 
+def gather_experts(shard, world):
+    """5.3 (E/world, ...) on each rank -> (E, ...) on every rank, experts in rank order."""
+    parts = [torch.empty_like(shard) for _ in range(world)]
+    dist.all_gather(parts, shard.contiguous())
+    return torch.cat(parts)
+
+
+def full_state(model, opt, world):
+    """The model's and the optimizer's state dicts with every expert: under expert
+    parallelism each rank's shard of the expert weights (and of their Adam moments) is
+    gathered, so the checkpoint is the one a single process writes. Every rank calls it."""
+    model_state, opt_state = model.state_dict(), opt.state_dict()
+    shards = {id(p) for p in model.expert_shards()}
+    if not shards:
+        return model_state, opt_state
+    for name, p in model.named_parameters():
+        if id(p) in shards:
+            model_state[name] = gather_experts(p.detach(), world)
+    params = [p for group in opt.param_groups for p in group["params"]]  # the state's keys, in order
+    for i, p in enumerate(params):
+        if id(p) in shards and i in opt_state["state"]:
+            opt_state["state"][i] = {k: gather_experts(v, world) if torch.is_tensor(v) and v.shape == p.shape
+                                     else v for k, v in opt_state["state"][i].items()}
+    return model_state, opt_state
+
+
+def shard_optimizer_state(opt_state, opt, model, rank, world):
+    """Resuming under expert parallelism: this rank's slice of the saved Adam moments."""
+    shards = {id(p) for p in model.expert_shards()}
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for i, p in enumerate(params):
+        if id(p) in shards and i in opt_state["state"]:
+            opt_state["state"][i] = {k: v.chunk(world)[rank] if torch.is_tensor(v) and v.dim() else v
+                                     for k, v in opt_state["state"][i].items()}
+    return opt_state
+
+
+def clip_grad_norm(model, max_norm):
+    """clip_grad_norm_ over the whole model. Under expert parallelism each rank holds other
+    experts: their squared gradient norms are summed over the ranks first, so every rank
+    sees the norm of the whole model and scales its gradients by the same factor."""
+    shards = model.expert_shards()
+    if not shards:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    ids = {id(p) for p in shards}
+    rest = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in ids]
+    mine = [p.grad for p in shards if p.grad is not None]
+    sq_mine = sum((g.float().pow(2).sum() for g in mine), torch.zeros((), device=rest[0].device))
+    dist.all_reduce(sq_mine)
+    norm = (sum(g.float().pow(2).sum() for g in rest) + sq_mine).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # as clip_grad_norm_ computes it
+    for g in rest + mine:
+        g.mul_(scale.to(g.dtype))
+    return norm
+
+
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pos", "bias",
                 "norm", "mlp", "n_kv_head", "window", "sink", "n_experts", "moe_top_k", "expert_hidden",
                 "moe_every", "n_shared_experts")
@@ -1154,12 +1307,15 @@ def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, 
     if cfg.compile == "true" or (cfg.compile == "auto" and device.startswith("cuda")):
         model = torch.compile(model)
     if world > 1:
+        # 5.3 expert shards differ from rank to rank: DDP must not average them
+        DDP._set_params_and_buffers_to_ignore_for_model(
+            model, [n for n, p in model.named_parameters() if getattr(p, "expert_shard", False)])
         model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
     opt = configure_optimizer(raw, cfg, device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
     step, best_val = 0, float("inf")
     if resume is not None:
-        opt.load_state_dict(resume["optimizer"])
+        opt.load_state_dict(shard_optimizer_state(resume["optimizer"], opt, raw, rank, world))
         scaler.load_state_dict(resume["scaler"])
         step, best_val = resume["step"], resume["best_val"]
         set_rng_state(resume["rng"])
@@ -1169,11 +1325,13 @@ def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, 
     peak = gpu_peak_flops(device)
     flops_per_step = raw.flops_per_token() * tokens_per_step
 
-    def checkpoint(path):
-        save_checkpoint(path, {"model": raw.state_dict(), "optimizer": opt.state_dict(),
-                               "scaler": scaler.state_dict(), "config": dataclasses.asdict(cfg),
-                               "step": step, "best_val": best_val, "val_loss": best_val,
-                               "rng": rng_state(), **(ckpt_extra or {})})
+    def checkpoint(path):  # called on every rank: expert shards are gathered (5.3); rank 0 writes
+        model_state, opt_state = full_state(raw, opt, world)
+        if main_proc:
+            save_checkpoint(path, {"model": model_state, "optimizer": opt_state,
+                                   "scaler": scaler.state_dict(), "config": dataclasses.asdict(cfg),
+                                   "step": step, "best_val": best_val, "val_loss": best_val,
+                                   "rng": rng_state(), **(ckpt_extra or {})})
 
     interrupted = []
 
@@ -1214,9 +1372,12 @@ def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, 
                 loss = loss / cfg.grad_accum  # the step's loss is the mean over its micro-batches
                 scaler.scale(loss).backward()  # fp16: scale up so small gradients don't flush to 0
                 loss_sum += loss.detach()
+            for p in raw.expert_shards():  # 5.3 this rank's experts got no token: a zero gradient,
+                if p.grad is None:  # so that Adam steps them as one process would (momentum, decay)
+                    p.grad = torch.zeros_like(p)
             if cfg.grad_clip > 0:  # one bad batch cannot throw the weights far
                 scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+                clip_grad_norm(raw, cfg.grad_clip)
             scaler.step(opt)  # skips the step if fp16 gradients overflowed
             scaler.update()
             if cfg.balance == "bias":
@@ -1243,23 +1404,29 @@ def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, 
                 tok_s = done * tokens_per_step / max(elapsed - eval_s, 1e-9)
                 eta = (elapsed / done) * (cfg.max_steps - step)
                 mfu = flops_per_step * done / max(elapsed - eval_s, 1e-9) / (peak * world) if peak else None
+                a2a = 2 * sum(m.bytes_sent for m in raw.moe_layers()) / done if raw.expert_shards() else None
                 if main_proc:
                     print(f"step {step:5d}/{cfg.max_steps} | loss {loss_f:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
-                          + (f" | MFU {mfu:.1%}" if mfu is not None else "") + f" | {elapsed:.0f}s, ETA {eta:.0f}s")
+                          + (f" | MFU {mfu:.1%}" if mfu is not None else "")
+                          + (f" | all-to-all {a2a / 1e6:.2f} MB/step" if a2a is not None else "")
+                          + f" | {elapsed:.0f}s, ETA {eta:.0f}s")
                     metrics.write(json.dumps({"step": step, "train_loss": loss_f, "lr": lr, "tokens_per_s": tok_s,
-                                              "mfu": mfu, "elapsed_s": elapsed}) + "\n")
+                                              "mfu": mfu, "elapsed_s": elapsed, "a2a_bytes_per_step": a2a}) + "\n")
                     if writer:
                         writer.add_scalar("train/loss", loss_f, step)
                         writer.add_scalar("train/lr", lr, step)
             if step % cfg.eval_interval == 0 or stopping:
                 t_eval = time.perf_counter()
                 losses = estimate_loss(raw, {"train": train_data, "val": val_data}, cfg, device, dtype)
+                if world > 1:  # rank 0's figures everywhere: all ranks agree on a new best
+                    figures = torch.tensor([losses["train"], losses["val"]], device=device)
+                    dist.broadcast(figures, 0)
+                    losses = dict(zip(("train", "val"), figures.tolist()))
                 best = losses["val"] < best_val
                 if best:
                     best_val = losses["val"]
+                    checkpoint(best_path)
                 if main_proc:
-                    if best:
-                        checkpoint(best_path)
                     print(f"eval {step:5d} | train {losses['train']:.4f} | val {losses['val']:.4f} nats/token"
                           f" = {bits_per_byte(losses['val'], bytes_per_token):.3f} bpb"
                           f"{' | saved best.pt' if best else ''}")
@@ -1268,7 +1435,7 @@ def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, 
                     if writer:
                         writer.add_scalar("val/loss", losses["val"], step)
                 eval_s += time.perf_counter() - t_eval
-            if main_proc and (step % cfg.ckpt_interval == 0 or stopping):
+            if step % cfg.ckpt_interval == 0 or stopping:
                 checkpoint(ckpt_path)
             if stop:
                 break
@@ -1284,10 +1451,11 @@ def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, 
     done = max(step - first_step, 1)
     train_s = max(time.perf_counter() - t0 - eval_s, 1e-9)
     mfu = flops_per_step * done / train_s / (peak * world) if peak else None
+    a2a = 2 * sum(m.bytes_sent for m in raw.moe_layers()) / done if raw.expert_shards() else None
     return {"train_loss": losses["train"] if losses else float("nan"),
             "final_val_loss": losses["val"] if losses else float("nan"), "val_loss": best_val,
             "steps": step, "tokens_per_s": done * tokens_per_step / train_s, "mfu": mfu,
-            "interrupted": bool(interrupted)}
+            "interrupted": bool(interrupted), "a2a_bytes_per_step": a2a}
 
 
 def plot_losses(out_dir):
@@ -1486,6 +1654,12 @@ def validate(cfg):
         die("--aux_loss_coef, --z_loss_coef and --bias_rate must be >= 0")
     if cfg.compare and not cfg.n_experts:
         die("--compare needs an MoE to compare: set --n_experts")
+    if cfg.expert_parallel and not cfg.n_experts:
+        die("--expert_parallel needs an MoE: set --n_experts")
+    if cfg.grouped_mm not in ("auto", "true", "false"):
+        die(f"--grouped_mm {cfg.grouped_mm!r}: expected auto, true or false")
+    if cfg.grouped_mm == "true" and not hasattr(F, "grouped_mm"):
+        die(f"--grouped_mm true needs torch >= 2.10 (F.grouped_mm); this is {torch.__version__}")
     if cfg.compile not in ("auto", "true", "false"):
         die(f"--compile {cfg.compile!r}: expected auto, true or false")
     if cfg.grad_clip < 0 or cfg.weight_decay < 0 or cfg.max_new_tokens < 0:
@@ -1519,9 +1693,13 @@ def main(argv=None):
     rank, world, ddp_device = setup_distributed()
     if cfg.batch_size % world:
         die(f"--batch_size {cfg.batch_size} must be divisible by the {world} torchrun processes")
+    if cfg.expert_parallel and cfg.n_experts % world:
+        die(f"--expert_parallel: --n_experts {cfg.n_experts} must be divisible by the {world} torchrun processes")
     set_seed(cfg.seed)
     device = ddp_device or pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    if cfg.expert_parallel and dtype == torch.float16:  # GradScaler's overflow check is per rank
+        die("--expert_parallel trains in float32 or bfloat16, not float16")
     if device.startswith("cuda"):  # float32 matmuls on tensor cores (TF32)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -1566,6 +1744,12 @@ def main(argv=None):
               f" x {cfg.grad_accum} = {cfg.batch_size * cfg.block_size * cfg.grad_accum:,} tokens per step")
         if resume is not None:
             print(f"resuming {ckpt_path} at step {resume['step']}")
+    if cfg.expert_parallel and world > 1:  # 5.3 after loading: the checkpoint holds every expert
+        for moe in model.moe_layers():
+            moe.shard_experts(rank, world)
+        if rank == 0:
+            print(f"expert parallelism: each of {world} processes holds {cfg.n_experts // world}"
+                  f" of the {cfg.n_experts} experts of every MoE layer")
     result = train(model, train_data, val_data, cfg, device, dtype, bytes_per_token, resume, rank,
                    world, {"tokenizer": tokenizer.name})
     if world > 1:
@@ -1573,6 +1757,8 @@ def main(argv=None):
     if rank != 0 or result["interrupted"]:
         return None
 
+    if model.expert_shards():  # the saved model holds every expert: rebuild it whole
+        model = GPT(cfg).to(device)
     model.load_state_dict(load_checkpoint(best_path, cfg, device)["model"])  # the best model
     samples = sample(model, tokenizer, cfg, device)
     with open(os.path.join(cfg.out_dir, "samples.txt"), "w") as f:
@@ -1587,7 +1773,8 @@ def main(argv=None):
                "steps": result["steps"], "data": name, "params": model.num_params(),
                "device": device, "world_size": world, "mfu": result["mfu"],
                "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
-               "bytes_per_token": bytes_per_token}
+               "bytes_per_token": bytes_per_token, "expert_parallel": cfg.expert_parallel and world > 1,
+               "a2a_bytes_per_step": result["a2a_bytes_per_step"]}
     write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     print(f"val loss {summary['val_loss']:.4f} nats/token = {summary['val_bpb']:.3f} bpb after "
           f"{summary['steps']} steps, {summary['tokens_per_s']:,.0f} tok/s, "

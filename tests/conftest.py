@@ -1,9 +1,11 @@
 """Shared test helpers: import part files by name, run their main() in a temp folder."""
 import importlib
 import json
+import os
 import random
 import re
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -108,3 +110,57 @@ def perturb_(module, seed=0, scale=0.3):
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=g) * scale)
     return module
+
+
+# Runs of main(): tiny CPU flags, their outputs, two processes under torchrun -------------
+def write(path, content):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return str(path)
+
+
+def small_corpus(tmp_path, shakespeare, n=40_000):
+    """A small training file: enough tokens for block_size 32 and a 90/10 split."""
+    return write(tmp_path / "corpus.txt", Path(shakespeare).read_text(encoding="utf-8")[:n])
+
+
+def flags(**kw):
+    """main() flags: a tiny CPU float32 run with a 300-token BPE (kw overrides any of it)."""
+    base = dict(device="cpu", dtype="float32", seed=0, tokenizer="bpe", vocab_size=300,
+                n_layer=1, n_embd=32, n_head=2, block_size=32, batch_size=4, max_steps=6,
+                eval_interval=3, eval_iters=2, log_interval=1, warmup_steps=2,
+                num_samples=1, max_new_tokens=8)
+    base.update(kw)
+    return [a for k, v in base.items() for a in (f"--{k}", str(v))]
+
+
+def run_flags(tmp_path, data, out="out", **kw):
+    return flags(data=data, data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / out), **kw)
+
+
+def read_metrics(out_dir):
+    return [json.loads(s) for s in Path(out_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out_dir):
+    return {d["step"]: d["train_loss"] for d in read_metrics(out_dir) if "train_loss" in d}
+
+
+def val_losses(out_dir):
+    return {d["step"]: d["val_loss"] for d in read_metrics(out_dir) if "val_loss" in d}
+
+
+def torchrun(name, args, nproc=2, timeout=120):
+    """python -m torch.distributed.run: nproc CPU processes (gloo) of a part, one thread each."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={unused_port()}",
+           f"{name}.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)

@@ -12,7 +12,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -21,8 +20,9 @@ import pytest
 import regex
 import torch
 
-from conftest import (ROOT, expect_exit_2, load, part_names,
-                      random_strings, randomize_, read_summary, unused_port)
+from conftest import (expect_exit_2, load, part_names, random_strings, randomize_,
+                      read_metrics, read_summary, run_flags, small_corpus, torchrun,
+                      train_losses, val_losses, write)
 
 ALL = part_names(4)
 SPECIAL = "<|endoftext|>"
@@ -31,16 +31,6 @@ SPECIAL = "<|endoftext|>"
 # ---------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------
-def write(path, content):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content, encoding="utf-8")
-    return str(path)
-
-
 UNICODE_EXTRA = ("\nh\u00e9llo w\u00f6rld \u65e5\u672c\u8a9e\u306e\u6587 \U0001F600\U0001F44D "
                  "e\u0301 na\u00efve caf\u00e9 \u0416\u0443\u043a \u03b1\u03b2\u03b3 ") * 40
 
@@ -48,37 +38,6 @@ UNICODE_EXTRA = ("\nh\u00e9llo w\u00f6rld \u65e5\u672c\u8a9e\u306e\u6587 \U0001F
 def mixed_text(shakespeare):
     """The first 50 kB of Shakespeare plus some non-ASCII text."""
     return Path(shakespeare).read_text(encoding="utf-8")[:50_000] + UNICODE_EXTRA
-
-
-def small_corpus(tmp_path, shakespeare, n=40_000):
-    """A small training file: enough tokens for block_size 32 and a 90/10 split."""
-    return write(tmp_path / "corpus.txt", Path(shakespeare).read_text(encoding="utf-8")[:n])
-
-
-def flags(**kw):
-    """main() flags: a tiny CPU float32 run with a 300-token BPE (kw overrides any of it)."""
-    base = dict(device="cpu", dtype="float32", seed=0, tokenizer="bpe", vocab_size=300,
-                n_layer=1, n_embd=32, n_head=2, block_size=32, batch_size=4, max_steps=6,
-                eval_interval=3, eval_iters=2, log_interval=1, warmup_steps=2,
-                num_samples=1, max_new_tokens=8)
-    base.update(kw)
-    return [a for k, v in base.items() for a in (f"--{k}", str(v))]
-
-
-def run_flags(tmp_path, data, out="out", **kw):
-    return flags(data=data, data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / out), **kw)
-
-
-def read_metrics(out_dir):
-    return [json.loads(s) for s in Path(out_dir, "metrics.jsonl").read_text().splitlines()]
-
-
-def train_losses(out_dir):
-    return {d["step"]: d["train_loss"] for d in read_metrics(out_dir) if "train_loss" in d}
-
-
-def val_losses(out_dir):
-    return {d["step"]: d["val_loss"] for d in read_metrics(out_dir) if "val_loss" in d}
 
 
 def tiny_cfg(mod, **kw):
@@ -730,17 +689,6 @@ def test_generate_never_returns_padding_ids(name, use_cache):
 # ---------------------------------------------------------------------------------------
 # Distributed: two torchrun processes (gloo, CPU) against one
 # ---------------------------------------------------------------------------------------
-def torchrun(name, args, nproc=2, timeout=120):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={unused_port()}",
-           f"{name}.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 DDP_RUN = dict(batch_size=4, max_steps=6, eval_interval=3, log_interval=1, warmup_steps=2,
                ckpt_interval=100)
 

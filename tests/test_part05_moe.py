@@ -1,18 +1,22 @@
 """Part 05: Mixture-of-Experts. Top-k gating against its definition (float32 router, even
 under autocast; the selection bias picks experts but never enters the gates), dispatch and
-combine against a naive per-token reference in float64, the load-balancing loss and the
+combine against a naive per-token reference in float64, the grouped matmul against the loop
+over experts, expert parallelism over processes against one process (the layer, then whole
+training runs under torchrun, checkpoints and resume), the load-balancing loss and the
 z-loss against their formulas, capacity drops, bias balancing, hybrid placement
 (--moe_every), active parameters against the dense model, the router loss in training
 only, gradients, flag errors, checkpoints of another shape, and the dense-vs-MoE milestone."""
 import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import expect_exit_2, load, part_names, perturb_, read_summary
+from conftest import (expect_exit_2, load, part_names, perturb_, read_summary, run_flags,
+                      small_corpus, torchrun, train_losses, unused_port)
 
 ALL = part_names(5)
 
@@ -265,6 +269,80 @@ def test_one_token_and_empty_experts(name):
         y = moe(x)
     assert int((moe.counts > 0).sum()) == 2
     assert (y.view(1, 32) - naive_moe(moe, x.view(1, 32))).abs().max() < 1e-10
+
+
+# ---------------------------------------------------------------------------------------
+# 5.2 Every expert in one grouped matmul
+# ---------------------------------------------------------------------------------------
+def forward_backward(moe, x, seed=3):
+    """Output, input gradient and parameter gradients for a fixed random upstream gradient."""
+    moe.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    y = moe(x)
+    (y.float() * randn(*y.shape, seed=seed)).sum().backward()
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in moe.named_parameters()}
+
+
+needs_grouped = pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="F.grouped_mm needs torch >= 2.10")
+
+
+@needs_grouped
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("k,cf,shared", [(1, 0.0, 0), (2, 0.0, 1), (2, 1.0, 0)])
+def test_grouped_matmul_equals_the_loop_over_experts(name, k, cf, shared):
+    mod = load(name)
+    moe = tiny_moe(mod, moe_top_k=k, capacity_factor=cf, n_shared_experts=shared).train()
+    moe.select_bias[3] = -1e4  # expert 3 gets no token: an empty group
+    x = randn(3, 7, 32)
+    calls = []
+    real = F.grouped_mm
+    moe.grouped_mm = "true"
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(mod.F, "grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        y_g, gx_g, gp_g = forward_backward(moe, x)
+    assert len(calls) == 2  # w_in, then w_out: no per-expert loop
+    assert moe.counts[3] == 0 and (moe.dropped > 0) == (cf > 0)
+    moe.grouped_mm = "false"
+    y_l, gx_l, gp_l = forward_backward(moe, x)
+    torch.testing.assert_close(y_g, y_l, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx_g, gx_l, atol=1e-5, rtol=1e-5)
+    for n in gp_l:
+        torch.testing.assert_close(gp_g[n], gp_l[n], atol=1e-5, rtol=1e-5, msg=n)
+    assert gp_g["w_in"][3].abs().max() == 0 and gp_g["w_in"].abs().max() > 0
+
+
+@needs_grouped
+@pytest.mark.parametrize("name", ALL)
+def test_grouped_matmul_runs_in_bf16_under_autocast(name):
+    mod = load(name)
+    moe = tiny_moe(mod).train()
+    x = randn(2, 8, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert moe.use_grouped(x, moe.matmul_dtype(x)) and moe.matmul_dtype(x) == torch.bfloat16
+        y_g, _, gp_g = forward_backward(moe, x)
+    moe.grouped_mm = "false"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_l, _, gp_l = forward_backward(moe, x)
+    assert y_g.dtype == y_l.dtype == torch.float32  # the residual stream stays float32
+    torch.testing.assert_close(y_g, y_l, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(gp_g["w_out"], gp_l["w_out"], atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_grouped_matmul_auto_choice(name):
+    mod = load(name)
+    moe = tiny_moe(mod)
+    x32, x64 = randn(4, 32), randn(4, 32, dtype=torch.float64)
+    have = hasattr(F, "grouped_mm")
+    assert moe.use_grouped(x32, torch.float32) == have
+    assert moe.use_grouped(x32, torch.bfloat16) == have
+    assert not moe.use_grouped(x64, torch.float64)  # no float64 kernel: the loop
+    assert not tiny_moe(mod, expert_hidden=20).use_grouped(x32, torch.float32)  # rows of 80 bytes
+    moe.grouped_mm = "false"
+    assert not moe.use_grouped(x32, torch.float32)
+    with pytest.MonkeyPatch.context() as m:
+        m.delattr(mod.F, "grouped_mm", raising=False)
+        assert not tiny_moe(mod).use_grouped(x32, torch.float32)  # torch < 2.10: the loop
 
 
 # ---------------------------------------------------------------------------------------
@@ -556,6 +634,159 @@ def test_cached_generation_with_moe_equals_uncached(name):
 
 
 # ---------------------------------------------------------------------------------------
+# 5.3 Expert parallelism: processes that each hold some experts against one that holds all
+# ---------------------------------------------------------------------------------------
+EP_CASES = {  # name: (world, MoE config, dtype, tolerance)
+    "top2": (2, dict(moe_top_k=2), torch.float64, 1e-10),
+    "switch+shared": (2, dict(moe_top_k=1, n_shared_experts=1), torch.float64, 1e-10),
+    "all to rank 0": (2, dict(moe_top_k=2), torch.float64, 1e-10),  # rank 1's experts get nothing
+    "one expert per rank": (4, dict(moe_top_k=2), torch.float64, 1e-10),
+    "grouped matmul": (2, dict(moe_top_k=2, grouped_mm="true"), torch.float32, 1e-5),
+}
+
+
+def ep_layer(mod, case):
+    """The layer of a case, the same on every process (same seed), and its input and
+    upstream gradient for the whole batch (rank r takes chunk r of the batch)."""
+    world, kw, dtype, _ = EP_CASES[case]
+    moe = tiny_moe(mod, **kw).to(dtype).train()
+    if case == "all to rank 0":
+        moe.select_bias[:2] = 1e4
+    return moe, randn(4, 8, 32, dtype=dtype), randn(4, 8, 32, seed=3, dtype=dtype)
+
+
+def ep_worker(rank, world, port, name, case, out):
+    """One process of the expert-parallel layer: forward and backward on its chunk of the
+    batch, then everything rank 0 needs to compare with the single-process layer."""
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    mod = load(name)
+    moe, x, upstream = ep_layer(mod, case)
+    moe.shard_experts(rank, world)
+    x = x.chunk(world)[rank].clone().requires_grad_()
+    y = moe(x)
+    (y * upstream.chunk(world)[rank]).sum().backward()
+
+    def gathered(t):
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    grads = {}
+    for n, p in moe.named_parameters():
+        if getattr(p, "expert_shard", False):  # no token reached them: no gradient (train() fills in 0)
+            assert p.shape[0] == moe.n_experts // world
+            grads[n] = gathered(p.grad if p.grad is not None else torch.zeros_like(p))
+        else:  # replicated: what DDP would do, the mean over the ranks
+            dist.all_reduce(p.grad)
+            grads[n] = p.grad / world
+    result = {"y": gathered(y.detach()), "x_grad": gathered(x.grad), "grads": grads,
+              "bytes": gathered(torch.tensor([moe.bytes_sent]))}
+    if rank == 0:
+        torch.save(result, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("case", list(EP_CASES))
+def test_expert_parallel_layer_equals_one_process(name, case, tmp_path):
+    """Forward and backward of the layer over processes that exchange tokens with
+    all_to_all_single (gloo; uneven splits, empty ones too) equal the single-process layer
+    on the whole batch, whose loss is the mean of the ranks' losses."""
+    world, kw, dtype, tol = EP_CASES[case]
+    if kw.get("grouped_mm") and not hasattr(F, "grouped_mm"):
+        pytest.skip("F.grouped_mm needs torch >= 2.10")
+    out = tmp_path / "ep.pt"
+    torch.multiprocessing.spawn(ep_worker, args=(world, unused_port(), name, case, str(out)), nprocs=world)
+    ep = torch.load(out, weights_only=True)
+
+    mod = load(name)
+    moe, x, upstream = ep_layer(mod, case)
+    x.requires_grad_()
+    y = moe(x)
+    ((y * upstream).sum() / world).backward()
+    assert (y.detach() - ep["y"]).abs().max() < tol * y.abs().max()
+    assert (x.grad * world - ep["x_grad"]).abs().max() < tol * ep["x_grad"].abs().max()
+    assert set(ep["grads"]) == {n for n, _ in moe.named_parameters()}
+    for n, p in moe.named_parameters():
+        rel = max(tol, 1e-6) if n.startswith("router") else tol  # the router computes in float32
+        assert (p.grad - ep["grads"][n]).abs().max() <= rel * p.grad.abs().max(), n
+    # the bytes each rank sent: its rows bound for other ranks' experts, and the outputs
+    # it computed for other ranks' rows, one row of 32 values each
+    chosen, _ = moe.route(x.detach().view(-1, 32))
+    n_local = moe.n_experts // world
+    home = torch.arange(chosen.size(0)).repeat_interleave(chosen.size(1)) // (chosen.size(0) // world)
+    owner = chosen.flatten() // n_local
+    for r in range(world):
+        rows = int(((home == r) & (owner != r)).sum() + ((home != r) & (owner == r)).sum())
+        assert ep["bytes"][r] == rows * 32 * x.element_size(), r
+    if case == "all to rank 0":
+        assert (owner == 0).all() and ep["grads"]["w_in"][2:].abs().max() == 0
+    else:
+        assert ep["bytes"].min() > 0
+
+
+EP_RUN = dict(tokenizer="byte", n_layer=2, n_experts=4, moe_top_k=2, batch_size=4, max_steps=6,
+              eval_interval=3, log_interval=1, warmup_steps=2, ckpt_interval=3,
+              aux_loss_coef=0.0, balance="bias", bias_rate=0.01)  # aux loss: a per-rank product of means
+
+
+def test_expert_parallel_training_equals_one_process(shakespeare, tmp_path, monkeypatch):
+    """Two torchrun processes with --expert_parallel (DDP for the rest of the model, expert
+    gradients kept out of it and scaled, the global gradient norm for clipping, the bias
+    balanced on the global load) train loss for loss like one process; the checkpoint holds
+    every expert and its Adam moments; a run resumed from one process's checkpoint goes on
+    exactly; and the bytes sent per step are reported."""
+    mod = load("part05")
+    data = small_corpus(tmp_path, shakespeare)
+    real_save = mod.save_checkpoint
+
+    def save_and_keep_step_3(path, ckpt):
+        real_save(path, ckpt)
+        if path.endswith("ckpt.pt") and ckpt["step"] == 3:
+            real_save(str(tmp_path / "step3.pt"), ckpt)
+
+    monkeypatch.setattr(mod, "save_checkpoint", save_and_keep_step_3)
+    single = mod.main(run_flags(tmp_path, data, out="one", **EP_RUN))
+    r = torchrun("part05_moe", run_flags(tmp_path, data, out="ep", expert_parallel=True, **EP_RUN))
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert "each of 2 processes holds 2 of the 4 experts" in r.stdout
+    assert re.search(r"all-to-all \d+\.\d\d MB/step", r.stdout)
+    ep = read_summary(tmp_path / "ep")
+    assert ep["expert_parallel"] and not single["expert_parallel"]
+    assert ep["a2a_bytes_per_step"] > 0 and single["a2a_bytes_per_step"] is None
+    assert ep["params"] == single["params"]  # the sampled model was rebuilt whole
+    lo, le = train_losses(tmp_path / "one"), train_losses(tmp_path / "ep")
+    assert sorted(lo) == sorted(le) == list(range(1, 7)) and abs(lo[6] - lo[1]) > 1e-3
+    for step in lo:
+        assert le[step] == pytest.approx(lo[step], abs=1e-5), step
+    assert ep["val_loss"] == pytest.approx(single["val_loss"], abs=1e-5)
+
+    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "ep" / "ckpt.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], atol=1e-5, rtol=1e-4, msg=k)
+    assert any(k.endswith("select_bias") and a["model"][k].abs().max() > 0 for k in a["model"])
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for i, state in a["optimizer"]["state"].items():
+        for k, v in state.items():
+            torch.testing.assert_close(b["optimizer"]["state"][i][k], v, atol=1e-6, rtol=1e-4)
+
+    (tmp_path / "resumed").mkdir()
+    (tmp_path / "step3.pt").rename(tmp_path / "resumed" / "ckpt.pt")
+    r = torchrun("part05_moe", run_flags(tmp_path, data, out="resumed", resume=True,
+                                         expert_parallel=True, **EP_RUN))
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    lr = train_losses(tmp_path / "resumed")
+    assert sorted(lr) == [4, 5, 6]
+    for step in lr:
+        assert lr[step] == pytest.approx(lo[step], abs=1e-5), step
+
+
+# ---------------------------------------------------------------------------------------
 # Flags and checkpoints
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ALL)
@@ -565,7 +796,9 @@ def test_cached_generation_with_moe_equals_uncached(name):
                                   ["--moe_every", "0"], ["--compare", "--n_experts", "0"],
                                   ["--n_experts", "-1"], ["--n_shared_experts", "-1"],
                                   ["--expert_hidden", "-2"], ["--bias_rate", "-0.1"],
-                                  ["--aux_loss_coef", "-1"], ["--z_loss_coef", "-1"]])
+                                  ["--aux_loss_coef", "-1"], ["--z_loss_coef", "-1"],
+                                  ["--expert_parallel", "true", "--n_experts", "0"],
+                                  ["--grouped_mm", "fast"]])
 def test_bad_flags_exit_2(name, args, tmp_path, capsys):
     mod = load(name)
     err = expect_exit_2(capsys, mod.main, args + ["--out_dir", str(tmp_path / "out"),
@@ -580,8 +813,27 @@ def test_good_moe_flags_pass_validation(name):
     mod = load(name)
     for args in (["--n_experts", "4", "--moe_top_k", "4"], ["--n_experts", "0", "--moe_top_k", "9"],
                  ["--capacity_factor", "0"], ["--balance", "bias"], ["--moe_every", "3"],
-                 ["--compare"]):
+                 ["--compare"], ["--expert_parallel", "true"], ["--grouped_mm", "false"]):
         mod.validate(mod.parse_args(args))  # no SystemExit
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_grouped_mm_true_without_the_kernel_exits_2(name, capsys, monkeypatch):
+    mod = load(name)
+    monkeypatch.delattr(mod.F, "grouped_mm", raising=False)
+    err = expect_exit_2(capsys, mod.validate, mod.parse_args(["--grouped_mm", "true"]))
+    assert "torch >= 2.10" in err
+    mod.validate(mod.parse_args(["--grouped_mm", "auto"]))  # auto falls back to the loop
+
+
+def test_expert_parallel_needs_experts_divisible_by_world(shakespeare, tmp_path):
+    data = small_corpus(tmp_path, shakespeare)
+    r = torchrun("part05_moe", run_flags(tmp_path, data, out="ep", expert_parallel=True,
+                                         **{**EP_RUN, "n_experts": 3}))
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all("--n_experts 3 must be divisible by the 2" in e for e in errors), r.stderr[-3000:]
+    assert not (tmp_path / "ep" / "ckpt.pt").exists()
 
 
 @pytest.mark.parametrize("name", ALL)
