@@ -948,7 +948,8 @@ class MoE(nn.Module):
     def run_remote(self, xs, counts):
         """5.3 Expert parallelism: send each sorted row to the rank that holds its expert,
         run the local experts on what arrives from every rank, send the outputs back.
-        counts (E,): this rank's rows per expert; expert j*n + e is local expert e of rank j."""
+        counts (E,): this rank's rows per expert; expert j*n + e is local expert e of rank j.
+        A capacity limit was applied to this rank's own rows, before the exchange."""
         world, n = self.world, self.n_experts // self.world
         xs = xs.to(self.matmul_dtype(xs))  # send what the experts compute in: bf16 halves the bytes
         recv = torch.empty_like(counts)  # recv[j*n + e]: rows rank j sends to my expert e
