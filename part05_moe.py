@@ -1303,7 +1303,8 @@ def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, 
     the warmup + cosine schedule (4.3), and checkpoints every ckpt_interval steps with all it
     takes to continue exactly: model, optimizer, scaler, step, RNG states (4.4). Ctrl-C
     saves before it exits. Under torchrun each rank computes its shard of every batch and
-    DDP averages the gradients, once per step."""
+    DDP averages the gradients, once per step; with expert parallelism (5.3) DDP leaves the
+    expert shards alone, and clipping and checkpoints see every rank's experts."""
     raw = model  # the plain module: evaluated and saved; `model` may get wrapped below
     if cfg.compile == "true" or (cfg.compile == "auto" and device.startswith("cuda")):
         model = torch.compile(model)
