@@ -21,38 +21,13 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import part05_moe as p5  # noqa: E402
+from throughput import measure  # noqa: E402  (this folder is on sys.path when run as a script)
 
 PRESETS = {  # model shape and batch; the MoE: 8 experts, top-2, each half the dense SwiGLU width
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, batch_size=16),
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=4096, batch_size=8),
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=256, batch_size=4),
 }
-
-
-def measure(cfg, device, dtype, steps, warmup, compile_model):
-    torch.manual_seed(0)
-    model = p5.GPT(cfg).to(device)
-    opt = p5.configure_optimizer(model, cfg, device)
-    run = torch.compile(model) if compile_model else model
-    x = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)
-    y = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)
-
-    def step():
-        with p5.autocast_ctx(device, dtype):
-            _, loss = run(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(warmup):
-        step()
-    with p5.Timer(device) as t:
-        for _ in range(steps):
-            step()
-    ms = t.seconds / steps * 1e3
-    return {"ms_per_iter": ms, "tokens_per_s": cfg.batch_size * cfg.block_size / (ms / 1e3),
-            "total_params": model.num_params(), "active_params": model.active_params()}
 
 
 def main():
@@ -79,7 +54,8 @@ def main():
     rows = {}
     for name, cfg in runs.items():
         try:
-            rows[name] = measure(cfg, device, dtype, args.steps, args.warmup, compile_model)
+            rows[name] = measure(cfg, device, dtype, cfg.batch_size, args.steps, args.warmup,
+                                 compile_model, part=p5)
         except RuntimeError as e:  # a kernel this device lacks: say so, go on with the rest
             print(f"{name}: failed ({str(e).splitlines()[0][:120]})")
             continue

@@ -30,16 +30,17 @@ PRESETS = {  # the GPT-2 small shape as nanoGPT benchmarks it: learned positions
 }
 
 
-def measure(cfg, device, dtype, batch, steps, warmup, compile_model):
+def measure(cfg, device, dtype, batch, steps, warmup, compile_model, part=p4):
+    """Time `steps` optimizer steps of part.GPT(cfg) at `batch` after `warmup` steps."""
     torch.manual_seed(0)
-    model = p4.GPT(dataclasses.replace(cfg, batch_size=batch)).to(device)
-    opt = p4.configure_optimizer(model, cfg, device)
+    model = part.GPT(dataclasses.replace(cfg, batch_size=batch)).to(device)
+    opt = part.configure_optimizer(model, cfg, device)
     run = torch.compile(model) if compile_model else model
     x = torch.randint(cfg.vocab_size, (batch, cfg.block_size), device=device)
     y = torch.randint(cfg.vocab_size, (batch, cfg.block_size), device=device)
 
     def step():
-        with p4.autocast_ctx(device, dtype):
+        with part.autocast_ctx(device, dtype):
             _, loss = run(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -48,14 +49,16 @@ def measure(cfg, device, dtype, batch, steps, warmup, compile_model):
 
     for _ in range(warmup):
         step()
-    with p4.Timer(device) as t:
+    with part.Timer(device) as t:
         for _ in range(steps):
             step()
     ms = t.seconds / steps * 1e3
     tok_s = batch * cfg.block_size / (ms / 1e3)
-    peak = p4.gpu_peak_flops(device)
+    peak = part.gpu_peak_flops(device)
     mfu = model.flops_per_token() * tok_s / peak if peak else None
-    return {"batch": batch, "ms_per_iter": ms, "tokens_per_s": tok_s, "mfu": mfu}
+    active = model.active_params() if hasattr(model, "active_params") else model.num_params()
+    return {"batch": batch, "ms_per_iter": ms, "tokens_per_s": tok_s, "mfu": mfu,
+            "total_params": model.num_params(), "active_params": active}
 
 
 def main():

@@ -114,6 +114,7 @@ def perturb_(module, seed=0, scale=0.3):
 
 # Runs of main(): tiny CPU flags, their outputs, two processes under torchrun -------------
 def write(path, content):
+    """Write text (UTF-8) or bytes to path, making its folder; returns the path as a string."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(content, bytes):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import (expect_exit_2, load, part_names, random_strings,
-                      randomize_, read_summary, unused_port)
+                      randomize_, read_summary, unused_port, write)
 
 ALL = part_names(2)
 LN256 = math.log(256)
@@ -51,16 +51,6 @@ def cli(mod, **kw):
     """Command-line flags for main(): CPU, byte tokens, the tiny shape (kw overrides it)."""
     flags = {"device": "cpu", **byte_level(mod), **SHAPE, **kw}
     return [a for k, v in flags.items() for a in (f"--{k}", str(v))]
-
-
-def write(path, content):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content, encoding="utf-8")
-    return str(path)
 
 
 def small_text(tmp_path, n=4000, name="small.txt"):
