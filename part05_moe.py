@@ -934,7 +934,6 @@ class MoE(nn.Module):
             return F.grouped_mm(F.silu(gate) * up, self.w_out.to(dtype), offs=offs)  # (M, h) -> (M, C)
         return self.loop_experts(xs, counts)
 
-    @torch.compiler.disable  # slice sizes change every step: compiled, each would recompile
     def loop_experts(self, xs, counts):
         outs, start = [], 0
         for e, n in enumerate(counts.tolist()):
@@ -944,7 +943,6 @@ class MoE(nn.Module):
             start += n
         return torch.cat(outs) if outs else xs[:0]
 
-    @torch.compiler.disable  # split sizes change every step: compiled, each would recompile
     def run_remote(self, xs, counts):
         """5.3 Expert parallelism: send each sorted row to the rank that holds its expert,
         run the local experts on what arrives from every rank, send the outputs back.
@@ -1296,6 +1294,16 @@ def load_checkpoint(path, cfg, device):
     return ckpt
 
 
+def compile_moe(model):
+    """torch.compile, with the MoE's loop over experts and its all-to-all exchange left eager:
+    their sizes (expert slices, split sizes) change every step, and compiled code would be
+    recompiled for each new size. The grouped matmul has none: it compiles."""
+    for moe in model.moe_layers():
+        moe.loop_experts = torch.compiler.disable(moe.loop_experts)
+        moe.run_remote = torch.compiler.disable(moe.run_remote)
+    return torch.compile(model)
+
+
 def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, resume=None,
           rank=0, world=1, ckpt_extra=None):
     """The loop of part02, grown for real runs. Each step accumulates gradients over
@@ -1307,7 +1315,7 @@ def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, 
     expert shards alone, and clipping and checkpoints see every rank's experts."""
     raw = model  # the plain module: evaluated and saved; `model` may get wrapped below
     if cfg.compile == "true" or (cfg.compile == "auto" and device.startswith("cuda")):
-        model = torch.compile(model)
+        model = compile_moe(model)
     if world > 1:
         # 5.3 expert shards differ from rank to rank: DDP must not average them
         DDP._set_params_and_buffers_to_ignore_for_model(

@@ -35,7 +35,7 @@ def measure(cfg, device, dtype, batch, steps, warmup, compile_model, part=p4):
     torch.manual_seed(0)
     model = part.GPT(dataclasses.replace(cfg, batch_size=batch)).to(device)
     opt = part.configure_optimizer(model, cfg, device)
-    run = torch.compile(model) if compile_model else model
+    run = getattr(part, "compile_moe", torch.compile)(model) if compile_model else model
     x = torch.randint(cfg.vocab_size, (batch, cfg.block_size), device=device)
     y = torch.randint(cfg.vocab_size, (batch, cfg.block_size), device=device)
 

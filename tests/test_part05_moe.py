@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import (expect_exit_2, load, part_names, perturb_, read_summary, run_flags,
-                      small_corpus, torchrun, train_losses, unused_port)
+                      small_corpus, torchrun, train_losses)
 
 ALL = part_names(5)
 
@@ -633,6 +633,25 @@ def test_cached_generation_with_moe_equals_uncached(name):
     assert len(set(a[:, 5:].flatten().tolist())) > 3
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_compiled_moe_does_not_recompile_as_routing_changes(name, monkeypatch):
+    """compile_moe leaves the loop over experts (sizes change with the routing) eager; the
+    rest compiles once. The `eager` backend traces as torch.compile does, without codegen."""
+    mod = load(name)
+    model = tiny_gpt(mod, grouped_mm="false").train()
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m: real_compile(m, backend="eager"))
+    compiled = mod.compile_moe(model)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(4):  # new tokens: new expert counts
+            x = tokens((2, 16), seed)
+            loss = compiled(x, x)[1]
+            torch.testing.assert_close(loss, model(x, x)[1])
+            loss.backward()
+    torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------------------------------
 # 5.3 Expert parallelism: processes that each hold some experts against one that holds all
 # ---------------------------------------------------------------------------------------
@@ -655,11 +674,12 @@ def ep_layer(mod, case):
     return moe, randn(4, 8, 32, dtype=dtype), randn(4, 8, 32, seed=3, dtype=dtype)
 
 
-def ep_worker(rank, world, port, name, case, out):
+def ep_worker(rank, world, store, name, case, out):
     """One process of the expert-parallel layer: forward and backward on its chunk of the
-    batch, then everything rank 0 needs to compare with the single-process layer."""
+    batch, then everything rank 0 needs to compare with the single-process layer. The
+    processes meet through a file: no port to pick."""
     dist = torch.distributed
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     mod = load(name)
     moe, x, upstream = ep_layer(mod, case)
@@ -699,7 +719,8 @@ def test_expert_parallel_layer_equals_one_process(name, case, tmp_path):
     if kw.get("grouped_mm") and not hasattr(F, "grouped_mm"):
         pytest.skip("F.grouped_mm needs torch >= 2.10")
     out = tmp_path / "ep.pt"
-    torch.multiprocessing.spawn(ep_worker, args=(world, unused_port(), name, case, str(out)), nprocs=world)
+    torch.multiprocessing.spawn(ep_worker, args=(world, str(tmp_path / "store"), name, case, str(out)),
+                                nprocs=world)
     ep = torch.load(out, weights_only=True)
 
     mod = load(name)
