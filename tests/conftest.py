@@ -93,6 +93,17 @@ def expect_exit_2(capsys, fn, *args):
     return err[0]
 
 
+def expect_flag_error(capsys, mod, args, tmp_path):
+    """main(args) with data that does not exist: the bad flag must be caught first (one
+    'error:' line, exit 2, nothing written). Returns the error line."""
+    err = expect_exit_2(capsys, mod.main, args + ["--out_dir", str(tmp_path / "out"),
+                                                  "--data_dir", str(tmp_path / "d"), "--data",
+                                                  str(tmp_path / "missing.txt"), "--device", "cpu"])
+    assert "missing.txt" not in err  # the flag is caught before the data is read
+    assert not (tmp_path / "out" / "summary.json").exists()
+    return err
+
+
 def randomize_(module, seed=0, scale=0.3):
     """Replace every parameter by noise (biases start at zero, norms at one): next-token
     distributions are far from uniform, so equality tests bite."""

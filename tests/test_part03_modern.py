@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import expect_exit_2, load, part_names, perturb_, read_summary
+from conftest import expect_flag_error, load, part_names, perturb_, read_summary
 
 ALL = part_names(3)
 
@@ -476,12 +476,7 @@ def test_num_params_by_hand():
                                   ["--sink", "2"], ["--norm", "foo"], ["--mlp", "foo"],
                                   ["--pos", "foo"], ["--n_kv_head", "-2"]])
 def test_bad_flags_exit_2(name, args, tmp_path, capsys):
-    mod = load(name)
-    err = expect_exit_2(capsys, mod.main, args + ["--out_dir", str(tmp_path / "out"),
-                                                  "--data_dir", str(tmp_path / "d"), "--data",
-                                                  str(tmp_path / "missing.txt"), "--device", "cpu"])
-    assert "missing.txt" not in err  # the flag is caught before the data is read
-    assert not (tmp_path / "out" / "summary.json").exists()
+    expect_flag_error(capsys, load(name), args, tmp_path)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (expect_exit_2, load, part_names, perturb_, read_summary, run_flags,
-                      small_corpus, torchrun, train_losses)
+from conftest import (expect_exit_2, expect_flag_error, load, part_names, perturb_, read_summary,
+                      run_flags, small_corpus, torchrun, train_losses)
 
 ALL = part_names(5)
 
@@ -821,12 +821,7 @@ def test_expert_parallel_training_equals_one_process(shakespeare, tmp_path, monk
                                   ["--expert_parallel", "true", "--n_experts", "0"],
                                   ["--grouped_mm", "fast"]])
 def test_bad_flags_exit_2(name, args, tmp_path, capsys):
-    mod = load(name)
-    err = expect_exit_2(capsys, mod.main, args + ["--out_dir", str(tmp_path / "out"),
-                                                  "--data_dir", str(tmp_path / "d"), "--data",
-                                                  str(tmp_path / "missing.txt"), "--device", "cpu"])
-    assert "missing.txt" not in err  # the flag is caught before the data is read
-    assert not (tmp_path / "out" / "summary.json").exists()
+    expect_flag_error(capsys, load(name), args, tmp_path)
 
 
 @pytest.mark.parametrize("name", ALL)
