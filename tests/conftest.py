@@ -13,7 +13,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+# The classic file beside the checkout, else the copy a part's default run caches in data/
+# (a GPU machine gets the repository alone).
+SHAKESPEARE = next((p for p in (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt",
+                                ROOT / "data" / "tinyshakespeare.txt") if p.exists()),
+                   ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
 PART_FILES = sorted(p for p in ROOT.glob("part[0-9][0-9]_*.py"))
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(2)
