@@ -639,8 +639,11 @@ def train(model, train_data, val_data, cfg, device, dtype):
         if step % cfg.log_interval == 0 or step == 1:
             loss_f = loss.item()  # the one host sync of a logged step
             elapsed = time.perf_counter() - t0
-            tok_s = step * tokens_per_step / max(elapsed - eval_s, 1e-9)
-            eta = (elapsed / step) * (cfg.max_steps - step)
+            if step == 1:  # one-off costs (CUDA start-up, kernel choice) stay out of the rates
+                first_s = elapsed
+            n, secs = (step - 1, elapsed - first_s) if step > 1 else (1, first_s)
+            tok_s = n * tokens_per_step / max(secs - eval_s, 1e-9)
+            eta = secs / n * (cfg.max_steps - step)
             print(f"step {step:5d}/{cfg.max_steps} | loss {loss_f:.4f} | lr {cfg.learning_rate:.2e}"
                   f" | {tok_s:,.0f} tok/s | {elapsed:.0f}s, ETA {eta:.0f}s")
             metrics.write(json.dumps({"step": step, "train_loss": loss_f, "lr": cfg.learning_rate,
@@ -660,9 +663,9 @@ def train(model, train_data, val_data, cfg, device, dtype):
             metrics.write(json.dumps({"step": step, "eval_train_loss": losses["train"],
                                       "val_loss": losses["val"]}) + "\n")
     metrics.close()
-    train_s = time.perf_counter() - t0 - eval_s
+    n, train_s = (step - 1, time.perf_counter() - t0 - eval_s - first_s) if step > 1 else (1, first_s)
     return {"train_loss": losses["train"], "final_val_loss": losses["val"], "val_loss": best_val,
-            "steps": step, "tokens_per_s": step * tokens_per_step / train_s}
+            "steps": step, "tokens_per_s": n * tokens_per_step / max(train_s, 1e-9)}
 
 
 # ----------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ Run
   python part04_scale.py                                  # BPE + modern GPT, < 3 min on a CPU
   python part04_scale.py --resume                         # continue the run in out/part04
   python part04_scale.py --device cuda --n_layer 8 --n_embd 512 --n_head 8 --block_size 256 \
-      --batch_size 64 --max_steps 2000 --tokenizer byte   # a 25M model on one GPU (not yet timed)
+      --batch_size 64 --max_steps 2000 --tokenizer byte   # a 25M model on one GPU (README: H100)
   torchrun --nproc_per_node=8 part04_scale.py --device cuda ...   # the same on 8 GPUs
 
 Milestone: validation bits per byte of the default run (BPE, CPU, 3 minutes) and of the
@@ -1080,7 +1080,7 @@ def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, 
             writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
         except ImportError:
             print("note: --tensorboard needs the tensorboard package (requirements-extra.txt)")
-    first_step, eval_s, losses = step, 0.0, None
+    first_step, first_s, eval_s, losses = step, 0.0, 0.0, None
     t0 = time.perf_counter()
     model.train()
     try:
@@ -1123,9 +1123,12 @@ def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, 
                 loss_f = loss_sum.item()  # the one host sync of a logged step
                 elapsed = time.perf_counter() - t0
                 done = step - first_step
-                tok_s = done * tokens_per_step / max(elapsed - eval_s, 1e-9)
-                eta = (elapsed / done) * (cfg.max_steps - step)
-                mfu = flops_per_step * done / max(elapsed - eval_s, 1e-9) / (peak * world) if peak else None
+                if done == 1:  # one-off costs (CUDA start-up, torch.compile) stay out of the rates
+                    first_s = elapsed
+                n, secs = (done - 1, elapsed - first_s) if done > 1 else (1, first_s)
+                tok_s = n * tokens_per_step / max(secs - eval_s, 1e-9)
+                eta = secs / n * (cfg.max_steps - step)
+                mfu = flops_per_step * n / max(secs - eval_s, 1e-9) / (peak * world) if peak else None
                 if main_proc:
                     print(f"step {step:5d}/{cfg.max_steps} | loss {loss_f:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
                           + (f" | MFU {mfu:.1%}" if mfu is not None else "") + f" | {elapsed:.0f}s, ETA {eta:.0f}s")
@@ -1165,11 +1168,12 @@ def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, 
     if interrupted and main_proc:
         print(f"stopped at step {step}; continue with --resume")
     done = max(step - first_step, 1)
-    train_s = max(time.perf_counter() - t0 - eval_s, 1e-9)
-    mfu = flops_per_step * done / train_s / (peak * world) if peak else None
+    n, train_s = (done - 1, time.perf_counter() - t0 - eval_s - first_s) if done > 1 else (1, first_s)
+    train_s = max(train_s, 1e-9)
+    mfu = flops_per_step * n / train_s / (peak * world) if peak else None
     return {"train_loss": losses["train"] if losses else float("nan"),
             "final_val_loss": losses["val"] if losses else float("nan"), "val_loss": best_val,
-            "steps": step, "tokens_per_s": done * tokens_per_step / train_s, "mfu": mfu,
+            "steps": step, "tokens_per_s": n * tokens_per_step / train_s, "mfu": mfu,
             "interrupted": bool(interrupted)}
 
 

@@ -1362,7 +1362,7 @@ def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, 
             writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
         except ImportError:
             print("note: --tensorboard needs the tensorboard package (requirements-extra.txt)")
-    first_step, eval_s, losses = step, 0.0, None
+    first_step, first_s, eval_s, losses = step, 0.0, 0.0, None
     t0 = time.perf_counter()
     model.train()
     try:
@@ -1411,9 +1411,12 @@ def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, 
                 loss_f = loss_sum.item()  # the one host sync of a logged step
                 elapsed = time.perf_counter() - t0
                 done = step - first_step
-                tok_s = done * tokens_per_step / max(elapsed - eval_s, 1e-9)
-                eta = (elapsed / done) * (cfg.max_steps - step)
-                mfu = flops_per_step * done / max(elapsed - eval_s, 1e-9) / (peak * world) if peak else None
+                if done == 1:  # one-off costs (CUDA start-up, torch.compile) stay out of the rates
+                    first_s = elapsed
+                n, secs = (done - 1, elapsed - first_s) if done > 1 else (1, first_s)
+                tok_s = n * tokens_per_step / max(secs - eval_s, 1e-9)
+                eta = secs / n * (cfg.max_steps - step)
+                mfu = flops_per_step * n / max(secs - eval_s, 1e-9) / (peak * world) if peak else None
                 a2a = 2 * sum(m.bytes_sent for m in raw.moe_layers()) / done if raw.expert_shards() else None
                 if main_proc:
                     print(f"step {step:5d}/{cfg.max_steps} | loss {loss_f:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
@@ -1459,12 +1462,13 @@ def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, 
     if interrupted and main_proc:
         print(f"stopped at step {step}; continue with --resume")
     done = max(step - first_step, 1)
-    train_s = max(time.perf_counter() - t0 - eval_s, 1e-9)
-    mfu = flops_per_step * done / train_s / (peak * world) if peak else None
+    n, train_s = (done - 1, time.perf_counter() - t0 - eval_s - first_s) if done > 1 else (1, first_s)
+    train_s = max(train_s, 1e-9)
+    mfu = flops_per_step * n / train_s / (peak * world) if peak else None
     a2a = 2 * sum(m.bytes_sent for m in raw.moe_layers()) / done if raw.expert_shards() else None
     return {"train_loss": losses["train"] if losses else float("nan"),
             "final_val_loss": losses["val"] if losses else float("nan"), "val_loss": best_val,
-            "steps": step, "tokens_per_s": done * tokens_per_step / train_s, "mfu": mfu,
+            "steps": step, "tokens_per_s": n * tokens_per_step / train_s, "mfu": mfu,
             "interrupted": bool(interrupted), "a2a_bytes_per_step": a2a}
 
 
