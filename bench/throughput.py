@@ -30,8 +30,22 @@ PRESETS = {  # the GPT-2 small shape as nanoGPT benchmarks it: learned positions
 }
 
 
-def measure(cfg, device, dtype, batch, steps, warmup, compile_model, part=p4):
-    """Time `steps` optimizer steps of part.GPT(cfg) at `batch` after `warmup` steps."""
+def print_profile(step, device, steps=3, rows=15, part=p4):
+    """torch.profiler over a few more steps: the kernels that take the time."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        part.sync(device)
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
+def measure(cfg, device, dtype, batch, steps, warmup, compile_model, part=p4, profile=False):
+    """Time `steps` optimizer steps of part.GPT(cfg) at `batch` after `warmup` steps (at
+    least one: the first step compiles). `profile`: print the top kernels afterwards."""
+    torch._dynamo.reset()  # compile each batch size afresh (static shapes, as a training run has)
     torch.manual_seed(0)
     model = part.GPT(dataclasses.replace(cfg, batch_size=batch)).to(device)
     opt = part.configure_optimizer(model, cfg, device)
@@ -47,17 +61,21 @@ def measure(cfg, device, dtype, batch, steps, warmup, compile_model, part=p4):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
+    with part.Timer(device) as first:  # compiles when compiling
+        step()
+    for _ in range(warmup - 1):
         step()
     with part.Timer(device) as t:
         for _ in range(steps):
             step()
+    if profile:
+        print_profile(step, device, part=part)
     ms = t.seconds / steps * 1e3
     tok_s = batch * cfg.block_size / (ms / 1e3)
     peak = part.gpu_peak_flops(device)
     mfu = model.flops_per_token() * tok_s / peak if peak else None
     active = model.active_params() if hasattr(model, "active_params") else model.num_params()
-    return {"batch": batch, "ms_per_iter": ms, "tokens_per_s": tok_s, "mfu": mfu,
+    return {"batch": batch, "ms_per_iter": ms, "tokens_per_s": tok_s, "mfu": mfu, "first_step_s": first.seconds,
             "total_params": model.num_params(), "active_params": active}
 
 
@@ -69,6 +87,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
+    ap.add_argument("--profile", action="store_true", help="print the top kernels of the first batch size")
     args = ap.parse_args()
     device = p4.pick_device(args.device)
     dtype = p4.pick_dtype("auto", device)
@@ -80,7 +99,8 @@ def main():
     rows = []
     for batch in args.batches:
         try:
-            rows.append(measure(cfg, device, dtype, batch, args.steps, args.warmup, compile_model))
+            rows.append(measure(cfg, device, dtype, batch, args.steps, args.warmup, compile_model,
+                                profile=args.profile and not rows))
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()  # the last model's memory, before the next batch size
         except torch.cuda.OutOfMemoryError:
@@ -88,7 +108,8 @@ def main():
             break
         r = rows[-1]
         print(f"batch {batch:3d}: {r['ms_per_iter']:8.1f} ms/iter {r['tokens_per_s']:12,.0f} tok/s"
-              + (f"  MFU {r['mfu']:.1%}" if r["mfu"] is not None else ""), flush=True)
+              + (f"  MFU {r['mfu']:.1%}" if r["mfu"] is not None else "")
+              + f"  (first step {r['first_step_s']:.1f} s)", flush=True)
     best = max(rows, key=lambda r: r["tokens_per_s"])
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
     print(f"\n{name}, {args.preset}, {str(dtype).replace('torch.', '')}, compile={compile_model}")

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The README's GPU figures and the GPU correctness checks, on one CUDA GPU, in one go.
+#
+#   bash bench/gpu.sh LOG_DIR [PHASE ...]    phases: env tests parts suite speed sweep recipe moe
+#                                            (default: all, in that order)
+#
+# Each phase writes LOG_DIR/PHASE.log and has a time limit, so one failure or hang does not
+# cost the others. data/tinyshakespeare.txt must be there (the parts' default --data is
+# cached at that path); NANOGPT_DIR, when set, holds nanoGPT's model.py and a bench.py that
+# takes the batch size, run at batch 12 beside ours for a same-machine reference.
+set -u
+cd "$(dirname "$0")/.."
+LOG=${1:?usage: bash bench/gpu.sh LOG_DIR [PHASE ...]}
+shift
+mkdir -p "$LOG"
+PHASES=${*:-env tests parts suite speed sweep recipe moe}
+export PYTHONUNBUFFERED=1
+DATA=data/tinyshakespeare.txt
+
+phase() {  # phase NAME SECONDS COMMAND...: run, log, report the exit status and time
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    echo "=== $name: $*" | tee -a "$LOG/$name.log"
+    timeout "$limit" "$@" >>"$LOG/$name.log" 2>&1
+    echo "=== $name: exit $? after $((SECONDS - t0)) s" | tee -a "$LOG/$name.log"
+}
+
+for p in $PHASES; do
+    case $p in
+    env)
+        phase env 60 nvidia-smi
+        phase env 60 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'cudnn', torch.backends.cudnn.version(), torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+        ;;
+    tests)  # the CUDA checks of every part
+        phase tests 420 python -m pytest -q -p no:cacheprovider tests/test_gpu.py
+        ;;
+    parts)  # each part's default run on the GPU, a few hundred steps
+        phase parts 60 python part00_foundations.py --device cuda --out_dir out/gpu/part00
+        phase parts 60 python part01_transformer.py --device cuda --out_dir out/gpu/part01
+        for part in part02_train part03_modern part04_scale part05_moe; do
+            phase parts 120 python $part.py --device cuda --max_steps 300 --data $DATA \
+                --out_dir out/gpu/$part
+        done
+        ;;
+    suite)  # the whole CPU test suite, with a CUDA torch present
+        phase suite 400 python -m pytest -q -p no:cacheprovider -n 8 tests
+        ;;
+    speed)  # part04 at the GPT-2 124M shape, batch 12, with a profile; nanoGPT beside it
+        phase speed 240 python bench/throughput.py --device cuda --batches 12 --profile
+        if [ -n "${NANOGPT_DIR:-}" ]; then
+            phase speed 180 bash -c "cd '$NANOGPT_DIR' && python bench.py 12"
+        fi
+        ;;
+    sweep)  # the batch sweep, and nanoGPT at its best batch of the issue (48)
+        phase sweep 400 python bench/throughput.py --device cuda --batches 12 16 24 32 48
+        if [ -n "${NANOGPT_DIR:-}" ]; then
+            phase sweep 180 bash -c "cd '$NANOGPT_DIR' && python bench.py 48"
+        fi
+        ;;
+    recipe)  # part04's GPU recipe from the README: time to 2.10 bpb on Tiny Shakespeare
+        phase recipe 300 python part04_scale.py --device cuda --tokenizer byte --n_layer 8 \
+            --n_head 8 --n_embd 512 --block_size 256 --batch_size 64 --max_steps 2000 \
+            --learning_rate 1e-3 --min_lr 1e-4 --dropout 0.2 --eval_interval 250 --data $DATA \
+            --out_dir out/gpu/recipe
+        phase recipe 30 python bench/time_to_target.py out/gpu/recipe --bpb 2.10
+        ;;
+    moe)  # part05: the MoE against its dense twin at the GPT-2-small shape
+        phase moe 420 python bench/moe_throughput.py --device cuda
+        ;;
+    *) echo "unknown phase $p" >&2; exit 2 ;;
+    esac
+done
