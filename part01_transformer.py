@@ -41,6 +41,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal, get_args, get_origin
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ import torch.nn.functional as F
 @dataclass
 class Config:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto (bf16 autocast where supported, else float32) | float32 | bfloat16 | float16
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 autocast where supported, else float32
     seed: int = 1337  # random seed: the same seed gives the same CPU run
     out_dir: str = "out/part01"  # where summary.json, metrics.jsonl and samples.txt are written
     # model
@@ -63,7 +64,7 @@ class Config:
     n_embd: int = 64  # model width
     block_size: int = 256  # context length in tokens (bytes here)
     vocab_size: int = 256  # vocabulary size: one token per byte value
-    pos: str = "learned"  # position embedding: learned | sinusoidal
+    pos: Literal["learned", "sinusoidal"] = "learned"  # position embedding
     bias: bool = True  # biases in Linear layers and LayerNorm
     dropout: float = 0.0  # dropout on embeddings, attention weights and residual branches
     flash: bool = True  # attention through F.scaled_dot_product_attention (false: written out)
@@ -103,24 +104,33 @@ def _field_help(cls):
     """name -> the comment written after the field in the class source."""
     helps = {}
     for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+):\s*\w+\s*=.*?#\s*(.*)$", line)
+        m = re.match(r"\s+(\w+):[^=]+=.*?#\s*(.*)$", line)
         if m:
             helps[m.group(1)] = m.group(2)
     return helps
 
 
+def _finite(s):
+    v = float(s)
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
 def parse_args(argv=None, cls=Config):
-    """Flags generated from the Config fields: `--n_layer 4` and `--n_layer=4` both work."""
+    """Flags generated from the Config fields: `--n_layer 4` and `--n_layer=4` both work.
+    A Literal field takes one of its values (--help lists them); a float must be finite."""
     doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
     parser = _Parser(description=doc[0] if doc else None,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = _field_help(cls)
     for f in dataclasses.fields(cls):
-        kind = _str2bool if f.type is bool else f.type
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default,
+        choices = get_args(f.type) if get_origin(f.type) is Literal else None
+        kind = str if choices else _str2bool if f.type is bool else _finite if f.type is float else f.type
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, choices=choices,
                             nargs="?" if f.type is bool else None,
                             const=True if f.type is bool else None,
-                            metavar=f.type.__name__.upper(), help=helps.get(f.name, " "))
+                            metavar=None if choices else f.type.__name__.upper(), help=helps.get(f.name, " "))
     return cls(**vars(parser.parse_args(argv)))
 
 
@@ -201,13 +211,24 @@ class Timer:
         self.seconds = time.perf_counter() - self._start
 
 
-def write_json(path, obj):
-    """Write atomically: a reader never sees half a file."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """`with atomic_path(path) as tmp:` write tmp; on success it is renamed over path, so a
+    reader never sees half a file and a crash mid-write leaves the old file whole; on failure
+    it is removed. The process id in its name keeps torchrun's ranks apart."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 
@@ -519,21 +540,27 @@ TOY_TEXT = ("First Citizen: Before we proceed any further, hear me speak. "
             "to famish? All: Resolved. resolved.")
 
 
+def in_range(cfg, low, high, *names):
+    """Each --name must lie in [low, high); high None: at least low."""
+    for name in names:
+        v = getattr(cfg, name)
+        if v < low or (high is not None and v >= high):
+            bound = f"at least {low}" if high is None else f"in [{low}, {high})"
+            die(f"--{name} must be {bound}, got {v}")
+
+
 def validate(cfg):
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "max_steps",
-                 "log_interval"):
-        if getattr(cfg, name) < 1:
-            die(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.n_embd % cfg.n_head:
-        die(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
-    if cfg.pos not in ("learned", "sinusoidal"):
-        die(f"--pos {cfg.pos!r}: expected learned or sinusoidal")
-    if cfg.pos == "sinusoidal" and cfg.n_embd % 2:
-        die(f"--pos sinusoidal needs an even --n_embd, got {cfg.n_embd}")
-    if not 0 <= cfg.dropout < 1:
-        die(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    """Ranges and the rules that tie flags together; choices and finite floats were checked
+    while parsing."""
+    in_range(cfg, 1, None, "n_layer", "n_head", "n_embd", "block_size", "max_steps", "log_interval")
+    in_range(cfg, 256, None, "vocab_size")  # every byte needs an id
+    in_range(cfg, 0, 1, "dropout")
     if cfg.learning_rate <= 0:
         die(f"--learning_rate must be positive, got {cfg.learning_rate}")
+    if cfg.n_embd % cfg.n_head:
+        die(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
+    if cfg.pos == "sinusoidal" and cfg.n_embd % 2:
+        die(f"--pos sinusoidal needs an even --n_embd, got {cfg.n_embd}")
 
 
 def main(argv=None):

@@ -40,6 +40,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal, get_args, get_origin
 
 import numpy as np
 import requests
@@ -57,7 +58,7 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 @dataclass
 class Config:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto (bf16 autocast where supported, else float32) | float32 | bfloat16 | float16
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 autocast where supported, else float32
     seed: int = 1337  # random seed: the same seed gives the same CPU run
     out_dir: str = "out/part03"  # ckpt.pt, metrics.jsonl, summary.json, samples.txt
     # data
@@ -69,9 +70,9 @@ class Config:
     n_embd: int = 128  # model width
     block_size: int = 128  # context length in tokens (bytes here)
     vocab_size: int = 256  # vocabulary size: one token per byte value
-    pos: str = "rope"  # positions: learned | sinusoidal (added to the input) | rope (rotate q, k)
-    norm: str = "rmsnorm"  # layernorm | rmsnorm
-    mlp: str = "swiglu"  # gelu (4x, GELU) | swiglu (gated, same parameter count)
+    pos: Literal["learned", "sinusoidal", "rope"] = "rope"  # learned, sinusoidal: added to the input; rope: rotates q and k
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"  # normalization in each block and at the end
+    mlp: Literal["gelu", "swiglu"] = "swiglu"  # gelu (4x, GELU) or swiglu (gated, same parameter count)
     n_kv_head: int = 0  # key/value heads, grouped-query attention (0 = n_head: plain multi-head)
     window: int = 0  # sliding-window attention: each query sees the last `window` positions (0 = all)
     sink: int = 0  # with --window: the first `sink` positions stay visible to every query
@@ -129,24 +130,33 @@ def _field_help(cls):
     """name -> the comment written after the field in the class source."""
     helps = {}
     for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+):\s*\w+\s*=.*?#\s*(.*)$", line)
+        m = re.match(r"\s+(\w+):[^=]+=.*?#\s*(.*)$", line)
         if m:
             helps[m.group(1)] = m.group(2)
     return helps
 
 
+def _finite(s):
+    v = float(s)
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
 def parse_args(argv=None, cls=Config):
-    """Flags generated from the Config fields: `--n_layer 4` and `--n_layer=4` both work."""
+    """Flags generated from the Config fields: `--n_layer 4` and `--n_layer=4` both work.
+    A Literal field takes one of its values (--help lists them); a float must be finite."""
     doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
     parser = _Parser(description=doc[0] if doc else None,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = _field_help(cls)
     for f in dataclasses.fields(cls):
-        kind = _str2bool if f.type is bool else f.type
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default,
+        choices = get_args(f.type) if get_origin(f.type) is Literal else None
+        kind = str if choices else _str2bool if f.type is bool else _finite if f.type is float else f.type
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, choices=choices,
                             nargs="?" if f.type is bool else None,
                             const=True if f.type is bool else None,
-                            metavar=f.type.__name__.upper(), help=helps.get(f.name, " "))
+                            metavar=None if choices else f.type.__name__.upper(), help=helps.get(f.name, " "))
     return cls(**vars(parser.parse_args(argv)))
 
 
@@ -227,13 +237,24 @@ class Timer:
         self.seconds = time.perf_counter() - self._start
 
 
-def write_json(path, obj):
-    """Write atomically: a reader never sees half a file."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """`with atomic_path(path) as tmp:` write tmp; on success it is renamed over path, so a
+    reader never sees half a file and a crash mid-write leaves the old file whole; on failure
+    it is removed. The process id in its name keeps torchrun's ranks apart."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -259,18 +280,11 @@ class ByteTokenizer:
 # ----------------------------------------------------------------------------------------
 def download(url, dest):
     """Stream `url` to `dest` through a temp file, so an interrupted download leaves nothing."""
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    tmp = dest + ".tmp"
-    try:
-        with requests.get(url, stream=True, timeout=(10, 60)) as r:
-            r.raise_for_status()
-            with open(tmp, "wb") as f:
-                for chunk in r.iter_content(chunk_size=1 << 20):
-                    f.write(chunk)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(dest) as tmp, requests.get(url, stream=True, timeout=(10, 60)) as r:
+        r.raise_for_status()
+        with open(tmp, "wb") as f:
+            for chunk in r.iter_content(chunk_size=1 << 20):
+                f.write(chunk)
 
 
 def offline_corpus():
@@ -322,9 +336,8 @@ def load_tokens(cfg, tokenizer):
     path = os.path.join(cfg.data_dir, f"tokens-{key}.{tokenizer.name}.bin")
     if not os.path.exists(path):
         ids = np.array(tokenizer.encode(text), dtype=dtype)
-        os.makedirs(cfg.data_dir, exist_ok=True)
-        ids.tofile(path + ".tmp")
-        os.replace(path + ".tmp", path)
+        with atomic_path(path) as tmp:  # torchrun: every rank may write it
+            ids.tofile(tmp)
     data = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
     if len(data) < 10 * (cfg.block_size + 1):  # 10% of it must still hold one window
         die(f"--data {name}: {len(data)} tokens is too short for --block_size {cfg.block_size} "
@@ -766,13 +779,8 @@ def estimate_loss(model, splits, cfg, device, dtype):
 
 def save_checkpoint(path, ckpt):
     """Write to a temp file, then rename: a crash mid-save leaves the old checkpoint whole."""
-    tmp = path + ".tmp"
-    try:
+    with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pos", "bias",
@@ -1008,41 +1016,40 @@ def ablate(cfg, device, dtype, train_data, val_data):
 # ----------------------------------------------------------------------------------------
 # main: train on real text, checkpoint the best model, print samples
 # ----------------------------------------------------------------------------------------
+def in_range(cfg, low, high, *names):
+    """Each --name must lie in [low, high); high None: at least low."""
+    for name in names:
+        v = getattr(cfg, name)
+        if v < low or (high is not None and v >= high):
+            bound = f"at least {low}" if high is None else f"in [{low}, {high})"
+            die(f"--{name} must be {bound}, got {v}")
+
+
 def validate(cfg):
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
-                 "max_steps", "eval_interval", "eval_iters", "log_interval", "num_samples"):
-        if getattr(cfg, name) < 1:
-            die(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.n_embd % cfg.n_head:
-        die(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
-    if cfg.pos not in ("learned", "sinusoidal", "rope"):
-        die(f"--pos {cfg.pos!r}: expected learned, sinusoidal or rope")
-    if cfg.pos == "rope" and (cfg.n_embd // cfg.n_head) % 2:
-        die(f"--pos rope needs an even head size, got {cfg.n_embd // cfg.n_head}")
-    if cfg.norm not in ("layernorm", "rmsnorm"):
-        die(f"--norm {cfg.norm!r}: expected layernorm or rmsnorm")
-    if cfg.mlp not in ("gelu", "swiglu"):
-        die(f"--mlp {cfg.mlp!r}: expected gelu or swiglu")
-    if cfg.n_kv_head < 0 or (cfg.n_kv_head and cfg.n_head % cfg.n_kv_head):
-        die(f"--n_head {cfg.n_head} must be a multiple of --n_kv_head {cfg.n_kv_head}")
-    if cfg.window < 0 or cfg.sink < 0:
-        die(f"--window and --sink must be >= 0 (0 = off), got {cfg.window} and {cfg.sink}")
-    if cfg.sink and not cfg.window:
-        die("--sink needs a sliding window: set --window too")
-    if cfg.max_seconds < 0 or cfg.ablate_seconds <= 0:
-        die("--max_seconds must be >= 0 and --ablate_seconds > 0")
-    if cfg.pos == "sinusoidal" and cfg.n_embd % 2:
-        die(f"--pos sinusoidal needs an even --n_embd, got {cfg.n_embd}")
-    if not 0 <= cfg.dropout < 1:
-        die(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    """Ranges and the rules that tie flags together; choices and finite floats were checked
+    while parsing."""
+    in_range(cfg, 1, None, "n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_steps",
+             "eval_interval", "eval_iters", "log_interval", "num_samples")
+    in_range(cfg, 256, None, "vocab_size")  # every byte needs an id
+    in_range(cfg, 0, None, "n_kv_head", "window", "sink", "max_seconds", "grad_clip", "weight_decay",
+             "max_new_tokens", "temperature", "top_k")
+    in_range(cfg, 0, 1, "dropout", "beta1", "beta2")
     if cfg.learning_rate <= 0:
         die(f"--learning_rate must be positive, got {cfg.learning_rate}")
-    if cfg.vocab_size < 256:
-        die(f"--vocab_size must be at least 256 to hold every byte, got {cfg.vocab_size}")
-    if cfg.grad_clip < 0 or cfg.weight_decay < 0 or cfg.max_new_tokens < 0:
-        die("--grad_clip, --weight_decay and --max_new_tokens must not be negative")
-    if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
-        die("--temperature and --top_k must be >= 0, and --top_p in (0, 1]")
+    if not 0 < cfg.top_p <= 1:
+        die(f"--top_p must be in (0, 1], got {cfg.top_p}")
+    if cfg.n_embd % cfg.n_head:
+        die(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
+    if cfg.pos == "rope" and (cfg.n_embd // cfg.n_head) % 2:
+        die(f"--pos rope needs an even head size, got {cfg.n_embd // cfg.n_head}")
+    if cfg.pos == "sinusoidal" and cfg.n_embd % 2:
+        die(f"--pos sinusoidal needs an even --n_embd, got {cfg.n_embd}")
+    if cfg.n_kv_head and cfg.n_head % cfg.n_kv_head:
+        die(f"--n_head {cfg.n_head} must be a multiple of --n_kv_head {cfg.n_kv_head}")
+    if cfg.sink and not cfg.window:
+        die("--sink needs a sliding window: set --window too")
+    if cfg.ablate_seconds <= 0:
+        die(f"--ablate_seconds must be positive, got {cfg.ablate_seconds}")
 
 
 def main(argv=None):

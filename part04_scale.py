@@ -35,6 +35,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import heapq
 import inspect
@@ -48,6 +49,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Literal, get_args, get_origin
 
 import numpy as np
 import regex
@@ -68,13 +70,13 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 @dataclass
 class Config:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto (bf16 autocast where supported, else float32) | float32 | bfloat16 | float16
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 autocast where supported, else float32
     seed: int = 1337  # random seed: the same seed gives the same CPU run
     out_dir: str = "out/part04"  # ckpt.pt, metrics.jsonl, summary.json, samples.txt
     # data
     data: str = SHAKESPEARE_URL  # a .txt file, a folder of .txt files, or an http(s) URL
     data_dir: str = "data"  # where downloads and token caches are kept
-    tokenizer: str = "bpe"  # byte | bpe (trained on the training text, saved as out_dir/tokenizer.json)
+    tokenizer: Literal["byte", "bpe"] = "bpe"  # bpe: trained on the training text, saved as out_dir/tokenizer.json
     tokenizer_file: str = ""  # use this saved BPE tokenizer (JSON) instead of training one
     # model
     n_layer: int = 4  # transformer blocks
@@ -82,9 +84,9 @@ class Config:
     n_embd: int = 128  # model width
     block_size: int = 128  # context length in tokens (bytes here)
     vocab_size: int = 4096  # BPE: vocabulary to train (256 bytes + merges + special tokens); byte: 256
-    pos: str = "rope"  # positions: learned | sinusoidal (added to the input) | rope (rotate q, k)
-    norm: str = "rmsnorm"  # layernorm | rmsnorm
-    mlp: str = "swiglu"  # gelu (4x, GELU) | swiglu (gated, same parameter count)
+    pos: Literal["learned", "sinusoidal", "rope"] = "rope"  # learned, sinusoidal: added to the input; rope: rotates q and k
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"  # normalization in each block and at the end
+    mlp: Literal["gelu", "swiglu"] = "swiglu"  # gelu (4x, GELU) or swiglu (gated, same parameter count)
     n_kv_head: int = 0  # key/value heads, grouped-query attention (0 = n_head: plain multi-head)
     window: int = 0  # sliding-window attention: each query sees the last `window` positions (0 = all)
     sink: int = 0  # with --window: the first `sink` positions stay visible to every query
@@ -109,7 +111,7 @@ class Config:
     ckpt_interval: int = 500  # save out_dir/ckpt.pt every this many steps (and at the end)
     resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
     tensorboard: bool = False  # also log to out_dir/tensorboard (needs the tensorboard package)
-    compile: str = "auto"  # torch.compile the model: auto (on for CUDA) | true | false
+    compile: Literal["auto", "true", "false"] = "auto"  # torch.compile the model (auto: on for CUDA)
     # sampling
     sample_only: bool = False  # load out_dir/ckpt.pt and sample, without training
     prompt: str = ""  # text to continue; empty = start from a newline
@@ -147,24 +149,33 @@ def _field_help(cls):
     """name -> the comment written after the field in the class source."""
     helps = {}
     for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+):\s*\w+\s*=.*?#\s*(.*)$", line)
+        m = re.match(r"\s+(\w+):[^=]+=.*?#\s*(.*)$", line)
         if m:
             helps[m.group(1)] = m.group(2)
     return helps
 
 
+def _finite(s):
+    v = float(s)
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
 def parse_args(argv=None, cls=Config):
-    """Flags generated from the Config fields: `--n_layer 4` and `--n_layer=4` both work."""
+    """Flags generated from the Config fields: `--n_layer 4` and `--n_layer=4` both work.
+    A Literal field takes one of its values (--help lists them); a float must be finite."""
     doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
     parser = _Parser(description=doc[0] if doc else None,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = _field_help(cls)
     for f in dataclasses.fields(cls):
-        kind = _str2bool if f.type is bool else f.type
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default,
+        choices = get_args(f.type) if get_origin(f.type) is Literal else None
+        kind = str if choices else _str2bool if f.type is bool else _finite if f.type is float else f.type
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, choices=choices,
                             nargs="?" if f.type is bool else None,
                             const=True if f.type is bool else None,
-                            metavar=f.type.__name__.upper(), help=helps.get(f.name, " "))
+                            metavar=None if choices else f.type.__name__.upper(), help=helps.get(f.name, " "))
     return cls(**vars(parser.parse_args(argv)))
 
 
@@ -245,13 +256,24 @@ class Timer:
         self.seconds = time.perf_counter() - self._start
 
 
-def write_json(path, obj):
-    """Write atomically: a reader never sees half a file."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """`with atomic_path(path) as tmp:` write tmp; on success it is renamed over path, so a
+    reader never sees half a file and a crash mid-write leaves the old file whole; on failure
+    it is removed. The process id in its name keeps torchrun's ranks apart."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 GPU_BF16_PEAK = [  # dense bf16 tensor-core FLOP/s from the vendors' data sheets
@@ -282,6 +304,11 @@ def setup_distributed():
         return rank, world, f"cuda:{local_rank}"
     dist.init_process_group("gloo")
     return rank, world, "cpu"
+
+
+def rank_world():
+    """(this process's rank, the number of processes): (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -440,18 +467,11 @@ def _merge(ids, pair, new_id):
 # ----------------------------------------------------------------------------------------
 def download(url, dest):
     """Stream `url` to `dest` through a temp file, so an interrupted download leaves nothing."""
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    tmp = dest + ".tmp"
-    try:
-        with requests.get(url, stream=True, timeout=(10, 60)) as r:
-            r.raise_for_status()
-            with open(tmp, "wb") as f:
-                for chunk in r.iter_content(chunk_size=1 << 20):
-                    f.write(chunk)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(dest) as tmp, requests.get(url, stream=True, timeout=(10, 60)) as r:
+        r.raise_for_status()
+        with open(tmp, "wb") as f:
+            for chunk in r.iter_content(chunk_size=1 << 20):
+                f.write(chunk)
 
 
 def offline_corpus():
@@ -504,10 +524,8 @@ def load_tokens(cfg, tokenizer, source=None):
     path = os.path.join(cfg.data_dir, f"tokens-{key}.{tokenizer.name}.bin")
     if not os.path.exists(path):
         ids = np.array(tokenizer.encode(text), dtype=dtype)
-        os.makedirs(cfg.data_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"  # torchrun: every rank may write it
-        ids.tofile(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # torchrun: every rank may write it
+            ids.tofile(tmp)
     data = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
     if len(data) < 10 * (cfg.block_size + 1):  # 10% of it must still hold one window
         die(f"--data {name}: {len(data)} tokens is too short for --block_size {cfg.block_size} "
@@ -997,13 +1015,8 @@ def set_rng_state(state):
 
 def save_checkpoint(path, ckpt):
     """Write to a temp file, then rename: a crash mid-save leaves the old checkpoint whole."""
-    tmp = path + ".tmp"
-    try:
+    with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pos", "bias",
@@ -1028,14 +1041,163 @@ def load_checkpoint(path, cfg, device):
     return ckpt
 
 
+def train_step(model, raw, opt, scaler, data, cfg, device, dtype):
+    """4.2 One optimizer step: grad_accum micro-batches, each forward and backward, then clip
+    and step. fp16 scales the loss up so that small gradients do not flush to zero; under
+    DDP the gradients are averaged over the ranks once, after the last micro-batch. Returns
+    the step's figures as tensors (reading one waits for the GPU): the mean loss."""
+    opt.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(cfg.grad_accum):
+        x, y = get_batch(data, cfg.batch_size, cfg.block_size, device, shard=rank_world())
+        last = micro_step == cfg.grad_accum - 1
+        with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
+            with autocast_ctx(device, dtype):
+                _, loss = model(x, y)
+            scaler.scale(loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach() / cfg.grad_accum
+    if cfg.grad_clip > 0:  # one bad batch cannot throw the weights far
+        scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+    scaler.step(opt)  # skips the step if fp16 gradients overflowed
+    scaler.update()
+    return {"train_loss": loss_sum}
+
+
+def run_state(raw, opt, scaler, cfg, step, best_val, extra=None):
+    """4.4 All a resumed run needs to continue exactly: model, optimizer, loss scaler, step,
+    and every random stream (with random windows, the RNG state is the data position)."""
+    return {"model": raw.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+            "config": dataclasses.asdict(cfg), "step": step, "best_val": best_val,
+            "val_loss": best_val, "rng": rng_state(), **(extra or {})}
+
+
+@contextlib.contextmanager
+def catch_ctrl_c():
+    """4.4 While training, Ctrl-C asks for a stop: the loop finishes its step, saves a
+    checkpoint and returns; a second Ctrl-C stops at once. Yields the list of presses."""
+    pressed = []
+
+    def on_sigint(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(signum)
+        print("\nCtrl-C: saving a checkpoint after this step (press again to quit at once)")
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
+    try:
+        yield pressed
+    finally:  # even when a step or a save fails
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+
+
+class Progress:
+    """4.5 A run's figures: at each logged step and each evaluation a progress line and a
+    metrics.jsonl row (and TensorBoard scalars with --tensorboard), on rank 0. Tokens/s and
+    MFU count the steps after the first, whose one-off costs (CUDA start-up, torch.compile)
+    would distort them, and leave out evaluation time; elapsed_s counts everything."""
+
+    def __init__(self, cfg, model, device, first_step, append, main_proc=True):
+        self.cfg, self.first_step, self.main_proc = cfg, first_step, main_proc
+        self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+        peak = gpu_peak_flops(device)
+        self.peak = peak * rank_world()[1] if peak else None
+        self.flops_per_token = model.flops_per_token()
+        self.t0, self.first_s, self.eval_s = time.perf_counter(), 0.0, 0.0
+        self.last = {}  # the last logged step's row
+        self.metrics = self.writer = None
+        if main_proc:
+            self.metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if append else "w",
+                                buffering=1)
+            if cfg.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                    self.writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+                except ImportError:
+                    print("note: --tensorboard needs the tensorboard package (requirements-extra.txt)")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for log in (self.metrics, self.writer):
+            if log is not None:
+                log.close()
+
+    def train_seconds(self):
+        return time.perf_counter() - self.t0 - self.eval_s
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Time spent inside stays out of tokens/s and MFU."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.eval_s += time.perf_counter() - t
+
+    def log_step(self, step, lr, figures):
+        """figures: name -> float, the training loss first."""
+        elapsed = time.perf_counter() - self.t0
+        done = step - self.first_step
+        if done == 1:
+            self.first_s = elapsed
+        n, secs = (done - 1, elapsed - self.first_s) if done > 1 else (1, self.first_s)
+        tok_s = n * self.tokens_per_step / max(secs - self.eval_s, 1e-9)
+        mfu = self.flops_per_token * tok_s / self.peak if self.peak else None
+        eta = secs / n * (self.cfg.max_steps - step)
+        self.last = {"step": step, **figures, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu,
+                     "elapsed_s": elapsed}
+        if not self.main_proc:
+            return
+        shown = " | ".join(f"{k.removeprefix('train_').replace('_', ' ')} "
+                           + (f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4f}") for k, v in figures.items())
+        print(f"step {step:5d}/{self.cfg.max_steps} | {shown} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
+              + (f" | MFU {mfu:.1%}" if mfu is not None else "") + f" | {elapsed:.0f}s, ETA {eta:.0f}s")
+        self.metrics.write(json.dumps(self.last) + "\n")
+        if self.writer:
+            for k, v in {**figures, "lr": lr}.items():
+                self.writer.add_scalar(f"train/{k.removeprefix('train_')}", v, step)
+
+    def log_eval(self, step, losses, best, bytes_per_token):
+        if not self.main_proc:
+            return
+        print(f"eval {step:5d} | train {losses['train']:.4f} | val {losses['val']:.4f} nats/token"
+              f" = {bits_per_byte(losses['val'], bytes_per_token):.3f} bpb{' | saved best.pt' if best else ''}")
+        self.metrics.write(json.dumps({"step": step, "eval_train_loss": losses["train"],
+                                       "val_loss": losses["val"]}) + "\n")
+        if self.writer:
+            self.writer.add_scalar("val/loss", losses["val"], step)
+
+
+def any_rank(flag, device):
+    """torchrun: True on every rank when it is True on any of them (one host sync)."""
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
+
+
+def mean_over_ranks(figures):
+    """name -> tensor, averaged over the ranks (each holds its shard's figure) -> name -> float."""
+    world = rank_world()[1]
+    for v in figures.values():
+        if world > 1:
+            dist.all_reduce(v)
+            v /= world
+    return {k: v.item() for k, v in figures.items()}
+
+
 def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, resume=None,
-          rank=0, world=1, ckpt_extra=None):
-    """The loop of part02, grown for real runs. Each step accumulates gradients over
-    grad_accum micro-batches (4.2), scales the fp16 loss so small gradients survive, follows
-    the warmup + cosine schedule (4.3), and checkpoints every ckpt_interval steps with all it
-    takes to continue exactly: model, optimizer, scaler, step, RNG states (4.4). Ctrl-C
-    saves before it exits. Under torchrun each rank computes its shard of every batch and
-    DDP averages the gradients, once per step."""
+          extra=None):
+    """The loop of part02, grown for real runs: train_step (4.2) on the warmup + cosine
+    schedule (4.3); every eval_interval steps an evaluation, and best.pt at a new best; every
+    ckpt_interval steps ckpt.pt, which continues the run exactly (4.4); figures through
+    Progress (4.5). Ctrl-C saves, then returns. Under torchrun each rank trains on its shard
+    of every batch, DDP averages the gradients, rank 0 logs and saves. `extra` goes into the
+    checkpoints (the tokenizer's name)."""
+    rank, world = rank_world()
     raw = model  # the plain module: evaluated and saved; `model` may get wrapped below
     if cfg.compile == "true" or (cfg.compile == "auto" and device.startswith("cuda")):
         model = torch.compile(model)
@@ -1043,138 +1205,50 @@ def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, 
         model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
     opt = configure_optimizer(raw, cfg, device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
-    step, best_val = 0, float("inf")
+    step, best_val, losses = 0, float("inf"), None
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         step, best_val = resume["step"], resume["best_val"]
         set_rng_state(resume["rng"])
-    main_proc = rank == 0
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
-    peak = gpu_peak_flops(device)
-    flops_per_step = raw.flops_per_token() * tokens_per_step
-
-    def checkpoint(path):
-        save_checkpoint(path, {"model": raw.state_dict(), "optimizer": opt.state_dict(),
-                               "scaler": scaler.state_dict(), "config": dataclasses.asdict(cfg),
-                               "step": step, "best_val": best_val, "val_loss": best_val,
-                               "rng": rng_state(), **(ckpt_extra or {})})
-
-    interrupted = []
-
-    def on_sigint(signum, frame):
-        if interrupted:  # a second Ctrl-C: stop at once
-            raise KeyboardInterrupt
-        interrupted.append(step)
-        print("\nCtrl-C: saving a checkpoint after this step (press again to quit at once)")
-
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    old_handler = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
-    metrics = (open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if resume else "w", buffering=1)
-               if main_proc else None)
-    writer = None
-    if cfg.tensorboard and main_proc:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
-        except ImportError:
-            print("note: --tensorboard needs the tensorboard package (requirements-extra.txt)")
-    first_step, first_s, eval_s, losses = step, 0.0, 0.0, None
-    t0 = time.perf_counter()
+    progress = Progress(cfg, raw, device, step, append=resume is not None, main_proc=rank == 0)
     model.train()
-    try:
+    with catch_ctrl_c() as pressed, progress:
         while step < cfg.max_steps:
             step += 1
             lr = get_lr(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), device=device)
-            for micro_step in range(cfg.grad_accum):
-                x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, device, shard=(rank, world))
-                if world > 1:  # all-reduce the gradients on the last micro-step only
-                    model.require_backward_grad_sync = micro_step == cfg.grad_accum - 1
-                with autocast_ctx(device, dtype):
-                    _, loss = model(x, y)
-                loss = loss / cfg.grad_accum  # the step's loss is the mean over its micro-batches
-                scaler.scale(loss).backward()  # fp16: scale up so small gradients don't flush to 0
-                loss_sum += loss.detach()
-            if cfg.grad_clip > 0:  # one bad batch cannot throw the weights far
-                scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-            scaler.step(opt)  # skips the step if fp16 gradients overflowed
-            scaler.update()
-            out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t0 - eval_s >= cfg.max_seconds
-            stop = bool(interrupted) or out_of_time
+            figures = train_step(model, raw, opt, scaler, train_data, cfg, device, dtype)
+            stop = bool(pressed) or 0 < cfg.max_seconds <= progress.train_seconds()
             if world > 1:  # every rank must stop on the same step: they agree at logging steps
-                if step % cfg.log_interval == 0:  # a host sync on logging steps only
-                    flag = torch.tensor(float(stop), device=device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    stop = bool(flag)
-                else:
-                    stop = False
-            stopping = stop or step == cfg.max_steps
-
-            if step % cfg.log_interval == 0 or step == first_step + 1 or stopping:
-                if world > 1:  # the loss of the global batch, not of this rank's shard
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= world
-                loss_f = loss_sum.item()  # the one host sync of a logged step
-                elapsed = time.perf_counter() - t0
-                done = step - first_step
-                if done == 1:  # one-off costs (CUDA start-up, torch.compile) stay out of the rates
-                    first_s = elapsed
-                n, secs = (done - 1, elapsed - first_s) if done > 1 else (1, first_s)
-                tok_s = n * tokens_per_step / max(secs - eval_s, 1e-9)
-                eta = secs / n * (cfg.max_steps - step)
-                mfu = flops_per_step * n / max(secs - eval_s, 1e-9) / (peak * world) if peak else None
-                if main_proc:
-                    print(f"step {step:5d}/{cfg.max_steps} | loss {loss_f:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
-                          + (f" | MFU {mfu:.1%}" if mfu is not None else "") + f" | {elapsed:.0f}s, ETA {eta:.0f}s")
-                    metrics.write(json.dumps({"step": step, "train_loss": loss_f, "lr": lr, "tokens_per_s": tok_s,
-                                              "mfu": mfu, "elapsed_s": elapsed}) + "\n")
-                    if writer:
-                        writer.add_scalar("train/loss", loss_f, step)
-                        writer.add_scalar("train/lr", lr, step)
-            if step % cfg.eval_interval == 0 or stopping:
-                t_eval = time.perf_counter()
-                losses = estimate_loss(raw, {"train": train_data, "val": val_data}, cfg, device, dtype)
-                best = losses["val"] < best_val
-                if best:
-                    best_val = losses["val"]
-                if main_proc:
+                stop = step % cfg.log_interval == 0 and any_rank(stop, device)
+            last = stop or step == cfg.max_steps
+            if step % cfg.log_interval == 0 or step == progress.first_step + 1 or last:
+                progress.log_step(step, lr, mean_over_ranks(figures))
+            if step % cfg.eval_interval == 0 or last:
+                with progress.evaluating():
+                    losses = estimate_loss(raw, {"train": train_data, "val": val_data}, cfg, device, dtype)
+                    best = losses["val"] < best_val
                     if best:
-                        checkpoint(best_path)
-                    print(f"eval {step:5d} | train {losses['train']:.4f} | val {losses['val']:.4f} nats/token"
-                          f" = {bits_per_byte(losses['val'], bytes_per_token):.3f} bpb"
-                          f"{' | saved best.pt' if best else ''}")
-                    metrics.write(json.dumps({"step": step, "eval_train_loss": losses["train"],
-                                              "val_loss": losses["val"]}) + "\n")
-                    if writer:
-                        writer.add_scalar("val/loss", losses["val"], step)
-                eval_s += time.perf_counter() - t_eval
-            if main_proc and (step % cfg.ckpt_interval == 0 or stopping):
-                checkpoint(ckpt_path)
+                        best_val = losses["val"]
+                        state = run_state(raw, opt, scaler, cfg, step, best_val, extra)
+                        if rank == 0:
+                            save_checkpoint(best_path, state)
+                progress.log_eval(step, losses, best, bytes_per_token)
+            if step % cfg.ckpt_interval == 0 or last:
+                state = run_state(raw, opt, scaler, cfg, step, best_val, extra)
+                if rank == 0:
+                    save_checkpoint(ckpt_path, state)
             if stop:
                 break
-    finally:  # even when a step or a save fails: restore Ctrl-C, close the logs
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
-        if metrics:
-            metrics.close()
-        if writer:
-            writer.close()
-    if interrupted and main_proc:
+    if pressed and rank == 0:
         print(f"stopped at step {step}; continue with --resume")
-    done = max(step - first_step, 1)
-    n, train_s = (done - 1, time.perf_counter() - t0 - eval_s - first_s) if done > 1 else (1, first_s)
-    train_s = max(train_s, 1e-9)
-    mfu = flops_per_step * n / train_s / (peak * world) if peak else None
     return {"train_loss": losses["train"] if losses else float("nan"),
             "final_val_loss": losses["val"] if losses else float("nan"), "val_loss": best_val,
-            "steps": step, "tokens_per_s": n * tokens_per_step / train_s, "mfu": mfu,
-            "interrupted": bool(interrupted)}
+            "steps": step, "tokens_per_s": progress.last.get("tokens_per_s", float("nan")),
+            "mfu": progress.last.get("mfu"), "interrupted": bool(pressed)}
 
 
 def plot_losses(out_dir):
@@ -1272,51 +1346,44 @@ def sample(model, tokenizer, cfg, device):
 # ----------------------------------------------------------------------------------------
 # main: train (or resume), checkpoint, print samples
 # ----------------------------------------------------------------------------------------
+def in_range(cfg, low, high, *names):
+    """Each --name must lie in [low, high); high None: at least low."""
+    for name in names:
+        v = getattr(cfg, name)
+        if v < low or (high is not None and v >= high):
+            bound = f"at least {low}" if high is None else f"in [{low}, {high})"
+            die(f"--{name} must be {bound}, got {v}")
+
+
 def validate(cfg):
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
-                 "max_steps", "eval_interval", "eval_iters", "log_interval", "num_samples"):
-        if getattr(cfg, name) < 1:
-            die(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.n_embd % cfg.n_head:
-        die(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
-    if cfg.pos not in ("learned", "sinusoidal", "rope"):
-        die(f"--pos {cfg.pos!r}: expected learned, sinusoidal or rope")
-    if cfg.pos == "rope" and (cfg.n_embd // cfg.n_head) % 2:
-        die(f"--pos rope needs an even head size, got {cfg.n_embd // cfg.n_head}")
-    if cfg.norm not in ("layernorm", "rmsnorm"):
-        die(f"--norm {cfg.norm!r}: expected layernorm or rmsnorm")
-    if cfg.mlp not in ("gelu", "swiglu"):
-        die(f"--mlp {cfg.mlp!r}: expected gelu or swiglu")
-    if cfg.n_kv_head < 0 or (cfg.n_kv_head and cfg.n_head % cfg.n_kv_head):
-        die(f"--n_head {cfg.n_head} must be a multiple of --n_kv_head {cfg.n_kv_head}")
-    if cfg.window < 0 or cfg.sink < 0:
-        die(f"--window and --sink must be >= 0 (0 = off), got {cfg.window} and {cfg.sink}")
-    if cfg.sink and not cfg.window:
-        die("--sink needs a sliding window: set --window too")
-    if cfg.max_seconds < 0:
-        die(f"--max_seconds must be >= 0, got {cfg.max_seconds}")
-    if cfg.pos == "sinusoidal" and cfg.n_embd % 2:
-        die(f"--pos sinusoidal needs an even --n_embd, got {cfg.n_embd}")
-    if not 0 <= cfg.dropout < 1:
-        die(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    """Ranges and the rules that tie flags together; choices and finite floats were checked
+    while parsing."""
+    in_range(cfg, 1, None, "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
+             "max_steps", "eval_interval", "eval_iters", "log_interval", "num_samples", "grad_accum",
+             "ckpt_interval")
+    in_range(cfg, 0, None, "n_kv_head", "window", "sink", "max_seconds", "grad_clip", "weight_decay",
+             "max_new_tokens", "temperature", "top_k", "warmup_steps", "min_lr")
+    in_range(cfg, 0, 1, "dropout", "beta1", "beta2")
     if cfg.learning_rate <= 0:
         die(f"--learning_rate must be positive, got {cfg.learning_rate}")
-    if cfg.tokenizer not in ("byte", "bpe"):
-        die(f"--tokenizer {cfg.tokenizer!r}: expected byte or bpe")
+    if not 0 < cfg.top_p <= 1:
+        die(f"--top_p must be in (0, 1], got {cfg.top_p}")
+    if cfg.n_embd % cfg.n_head:
+        die(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
+    if cfg.pos == "rope" and (cfg.n_embd // cfg.n_head) % 2:
+        die(f"--pos rope needs an even head size, got {cfg.n_embd // cfg.n_head}")
+    if cfg.pos == "sinusoidal" and cfg.n_embd % 2:
+        die(f"--pos sinusoidal needs an even --n_embd, got {cfg.n_embd}")
+    if cfg.n_kv_head and cfg.n_head % cfg.n_kv_head:
+        die(f"--n_head {cfg.n_head} must be a multiple of --n_kv_head {cfg.n_kv_head}")
+    if cfg.sink and not cfg.window:
+        die("--sink needs a sliding window: set --window too")
+    if cfg.min_lr > cfg.learning_rate:
+        die(f"--min_lr {cfg.min_lr} must not exceed --learning_rate {cfg.learning_rate}")
     if cfg.tokenizer == "bpe" and not cfg.tokenizer_file and cfg.vocab_size < 257:
         die(f"--vocab_size {cfg.vocab_size}: BPE needs at least 256 bytes + 1 special token")
     if cfg.tokenizer_file and not os.path.isfile(cfg.tokenizer_file):
         die(f"--tokenizer_file {cfg.tokenizer_file}: no such file")
-    if cfg.grad_accum < 1 or cfg.warmup_steps < 0 or cfg.ckpt_interval < 1:
-        die("--grad_accum and --ckpt_interval must be >= 1, --warmup_steps >= 0")
-    if not 0 <= cfg.min_lr <= cfg.learning_rate:
-        die(f"--min_lr must be in [0, --learning_rate], got {cfg.min_lr}")
-    if cfg.compile not in ("auto", "true", "false"):
-        die(f"--compile {cfg.compile!r}: expected auto, true or false")
-    if cfg.grad_clip < 0 or cfg.weight_decay < 0 or cfg.max_new_tokens < 0:
-        die("--grad_clip, --weight_decay and --max_new_tokens must not be negative")
-    if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
-        die("--temperature and --top_k must be >= 0, and --top_p in (0, 1]")
 
 
 def build_tokenizer(cfg, text=None):
@@ -1385,10 +1452,11 @@ def main(argv=None):
               f" x {cfg.grad_accum} = {cfg.batch_size * cfg.block_size * cfg.grad_accum:,} tokens per step")
         if resume is not None:
             print(f"resuming {ckpt_path} at step {resume['step']}")
-    result = train(model, train_data, val_data, cfg, device, dtype, bytes_per_token, resume, rank,
-                   world, {"tokenizer": tokenizer.name})
+    result = train(model, train_data, val_data, cfg, device, dtype, bytes_per_token, resume,
+                   {"tokenizer": tokenizer.name})
     if world > 1:
         dist.destroy_process_group()
+        gc.collect()  # free DDP and the process group now, not while Python shuts down
     if rank != 0 or result["interrupted"]:
         return None
 

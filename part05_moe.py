@@ -2,9 +2,9 @@
 
 New in this part
   5.1 Routing: a linear router kept in float32; top-k softmax gating (`--moe_top_k 1` Switch,
-      `--moe_top_k 2` Mixtral-style); the Switch load-balancing loss N * sum_i f_i * P_i
+      `--moe_top_k 2` Mixtral-style); the Switch load-balancing loss E * sum_i f_i * P_i
       (`--aux_loss_coef`); the router z-loss (`--z_loss_coef`); or auxiliary-loss-free
-      balancing with a per-expert selection bias (`--balance bias`, DeepSeek-V3).
+      balancing with per-expert routing offsets (`--balance aux_free`, DeepSeek-V3).
   5.2 The MoE layer (`MoE`): SwiGLU experts held as stacked weights; assignments sorted by
       expert so each expert runs once on a contiguous slice, all of them in one
       F.grouped_mm call where torch has the kernel (`--grouped_mm`), else a loop over
@@ -22,7 +22,7 @@ New in this part
 Run
   python part05_moe.py                          # an 8-expert top-2 MoE GPT on a CPU
   python part05_moe.py --compare --tokenizer byte   # the milestone: dense vs MoE, same active params
-  python part05_moe.py --moe_top_k 1 --capacity_factor 1.25 --balance bias
+  python part05_moe.py --moe_top_k 1 --capacity_factor 1.25 --balance aux_free
   torchrun --nproc_per_node=2 part05_moe.py --expert_parallel   # each process holds half the experts
 
 Milestone: `--compare` trains a dense model and an MoE with the same active parameters per
@@ -37,6 +37,8 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import gc
+import functools
 import hashlib
 import heapq
 import inspect
@@ -50,6 +52,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Literal, get_args, get_origin
 
 import numpy as np
 import regex
@@ -70,13 +73,13 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 @dataclass
 class Config:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto (bf16 autocast where supported, else float32) | float32 | bfloat16 | float16
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 autocast where supported, else float32
     seed: int = 1337  # random seed: the same seed gives the same CPU run
     out_dir: str = "out/part05"  # ckpt.pt, metrics.jsonl, summary.json, samples.txt
     # data
     data: str = SHAKESPEARE_URL  # a .txt file, a folder of .txt files, or an http(s) URL
     data_dir: str = "data"  # where downloads and token caches are kept
-    tokenizer: str = "bpe"  # byte | bpe (trained on the training text, saved as out_dir/tokenizer.json)
+    tokenizer: Literal["byte", "bpe"] = "bpe"  # bpe: trained on the training text, saved as out_dir/tokenizer.json
     tokenizer_file: str = ""  # use this saved BPE tokenizer (JSON) instead of training one
     # model
     n_layer: int = 4  # transformer blocks
@@ -84,9 +87,9 @@ class Config:
     n_embd: int = 128  # model width
     block_size: int = 128  # context length in tokens (bytes here)
     vocab_size: int = 4096  # BPE: vocabulary to train (256 bytes + merges + special tokens); byte: 256
-    pos: str = "rope"  # positions: learned | sinusoidal (added to the input) | rope (rotate q, k)
-    norm: str = "rmsnorm"  # layernorm | rmsnorm
-    mlp: str = "swiglu"  # gelu (4x, GELU) | swiglu (gated, same parameter count)
+    pos: Literal["learned", "sinusoidal", "rope"] = "rope"  # learned, sinusoidal: added to the input; rope: rotates q and k
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"  # normalization in each block and at the end
+    mlp: Literal["gelu", "swiglu"] = "swiglu"  # gelu (4x, GELU) or swiglu (gated, same parameter count)
     n_kv_head: int = 0  # key/value heads, grouped-query attention (0 = n_head: plain multi-head)
     window: int = 0  # sliding-window attention: each query sees the last `window` positions (0 = all)
     sink: int = 0  # with --window: the first `sink` positions stay visible to every query
@@ -99,9 +102,9 @@ class Config:
     capacity_factor: float = 0.0  # an expert takes <= cf * tokens * moe_top_k / n_experts (0 = dropless)
     aux_loss_coef: float = 0.01  # weight of the Switch load-balancing loss
     z_loss_coef: float = 0.001  # weight of the router z-loss
-    balance: str = "aux"  # aux (the auxiliary loss) | bias (auxiliary-loss-free, DeepSeek-V3)
-    bias_rate: float = 0.001  # --balance bias: step of the per-expert selection bias
-    grouped_mm: str = "auto"  # experts in one F.grouped_mm call: auto (where torch has a kernel) | true | false (a loop)
+    balance: Literal["aux", "aux_free"] = "aux"  # aux: the Switch loss; aux_free: per-expert routing offsets (DeepSeek-V3)
+    balance_rate: float = 0.001  # --balance aux_free: step of the per-expert routing offsets
+    grouped_mm: Literal["auto", "true", "false"] = "auto"  # experts in one F.grouped_mm call (auto: where torch has a kernel; false: a loop)
     expert_parallel: bool = False  # under torchrun: each process holds n_experts / world of every MoE layer's experts
     dropout: float = 0.0  # dropout on embeddings, attention weights and residual branches
     flash: bool = True  # attention through F.scaled_dot_product_attention (false: written out)
@@ -123,7 +126,7 @@ class Config:
     ckpt_interval: int = 500  # save out_dir/ckpt.pt every this many steps (and at the end)
     resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
     tensorboard: bool = False  # also log to out_dir/tensorboard (needs the tensorboard package)
-    compile: str = "auto"  # torch.compile the model: auto (on for CUDA) | true | false
+    compile: Literal["auto", "true", "false"] = "auto"  # torch.compile the model (auto: on for CUDA)
     compare: bool = False  # the milestone: dense vs MoE with equal active parameters
     # sampling
     sample_only: bool = False  # load out_dir/ckpt.pt and sample, without training
@@ -162,24 +165,33 @@ def _field_help(cls):
     """name -> the comment written after the field in the class source."""
     helps = {}
     for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+):\s*\w+\s*=.*?#\s*(.*)$", line)
+        m = re.match(r"\s+(\w+):[^=]+=.*?#\s*(.*)$", line)
         if m:
             helps[m.group(1)] = m.group(2)
     return helps
 
 
+def _finite(s):
+    v = float(s)
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
 def parse_args(argv=None, cls=Config):
-    """Flags generated from the Config fields: `--n_layer 4` and `--n_layer=4` both work."""
+    """Flags generated from the Config fields: `--n_layer 4` and `--n_layer=4` both work.
+    A Literal field takes one of its values (--help lists them); a float must be finite."""
     doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
     parser = _Parser(description=doc[0] if doc else None,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = _field_help(cls)
     for f in dataclasses.fields(cls):
-        kind = _str2bool if f.type is bool else f.type
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default,
+        choices = get_args(f.type) if get_origin(f.type) is Literal else None
+        kind = str if choices else _str2bool if f.type is bool else _finite if f.type is float else f.type
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, choices=choices,
                             nargs="?" if f.type is bool else None,
                             const=True if f.type is bool else None,
-                            metavar=f.type.__name__.upper(), help=helps.get(f.name, " "))
+                            metavar=None if choices else f.type.__name__.upper(), help=helps.get(f.name, " "))
     return cls(**vars(parser.parse_args(argv)))
 
 
@@ -260,13 +272,24 @@ class Timer:
         self.seconds = time.perf_counter() - self._start
 
 
-def write_json(path, obj):
-    """Write atomically: a reader never sees half a file."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """`with atomic_path(path) as tmp:` write tmp; on success it is renamed over path, so a
+    reader never sees half a file and a crash mid-write leaves the old file whole; on failure
+    it is removed. The process id in its name keeps torchrun's ranks apart."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 GPU_BF16_PEAK = [  # dense bf16 tensor-core FLOP/s from the vendors' data sheets
@@ -297,6 +320,11 @@ def setup_distributed():
         return rank, world, f"cuda:{local_rank}"
     dist.init_process_group("gloo")
     return rank, world, "cpu"
+
+
+def rank_world():
+    """(this process's rank, the number of processes): (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -455,18 +483,11 @@ def _merge(ids, pair, new_id):
 # ----------------------------------------------------------------------------------------
 def download(url, dest):
     """Stream `url` to `dest` through a temp file, so an interrupted download leaves nothing."""
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    tmp = dest + ".tmp"
-    try:
-        with requests.get(url, stream=True, timeout=(10, 60)) as r:
-            r.raise_for_status()
-            with open(tmp, "wb") as f:
-                for chunk in r.iter_content(chunk_size=1 << 20):
-                    f.write(chunk)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(dest) as tmp, requests.get(url, stream=True, timeout=(10, 60)) as r:
+        r.raise_for_status()
+        with open(tmp, "wb") as f:
+            for chunk in r.iter_content(chunk_size=1 << 20):
+                f.write(chunk)
 
 
 def offline_corpus():
@@ -519,10 +540,8 @@ def load_tokens(cfg, tokenizer, source=None):
     path = os.path.join(cfg.data_dir, f"tokens-{key}.{tokenizer.name}.bin")
     if not os.path.exists(path):
         ids = np.array(tokenizer.encode(text), dtype=dtype)
-        os.makedirs(cfg.data_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"  # torchrun: every rank may write it
-        ids.tofile(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # torchrun: every rank may write it
+            ids.tofile(tmp)
     data = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
     if len(data) < 10 * (cfg.block_size + 1):  # 10% of it must still hold one window
         die(f"--data {name}: {len(data)} tokens is too short for --block_size {cfg.block_size} "
@@ -846,23 +865,6 @@ def expert_hidden(cfg):
     return cfg.expert_hidden or max(16, swiglu_hidden(cfg.n_embd) // cfg.moe_top_k)
 
 
-class AllToAll(torch.autograd.Function):
-    """5.3 dist.all_to_all_single with a gradient. Rows [sum(in_splits[:j]), +in_splits[j])
-    of x go to rank j; out_splits[j] rows arrive from rank j, in rank order. The gradient
-    of each received row goes back to its sender: the same exchange with the splits swapped."""
-
-    @staticmethod
-    def forward(ctx, x, out_splits, in_splits):
-        ctx.splits = in_splits, out_splits
-        out = x.new_empty(sum(out_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return AllToAll.apply(grad, *ctx.splits), None, None
-
-
 class MoE(nn.Module):
     """A router sends each token to top_k of n_experts SwiGLU experts and mixes their outputs
     with its gate weights: many more parameters, the same FLOPs per token.
@@ -881,23 +883,23 @@ class MoE(nn.Module):
         self.router = nn.Linear(C, E, bias=False)  # kept and run in float32
         self.w_in = nn.Parameter(torch.randn(E, C, 2 * h) * 0.02)  # per expert: gate and up
         self.w_out = nn.Parameter(torch.randn(E, h, C) * 0.02 / math.sqrt(2 * cfg.n_layer))
-        self.register_buffer("select_bias", torch.zeros(E))  # bias balancing: selection only
+        self.register_buffer("expert_offset", torch.zeros(E))  # --balance aux_free: selection only
         self.shared = SwiGLU(cfg, h * cfg.n_shared_experts) if cfg.n_shared_experts else None
         self.aux_loss = self.z_loss = torch.zeros(())
         self.counts = torch.zeros(E)  # assignments per expert in the last forward
         self.dropped = 0  # assignments dropped for capacity in the last forward
-        self.rank, self.world = 0, 1  # 5.3 this process holds experts [rank*E/world, (rank+1)*E/world)
-        self.bytes_sent = 0  # 5.3 all-to-all bytes this rank sent in training forwards
 
     def route(self, flat):
         """(N, C) -> chosen experts (N, k) and their gate weights (N, k); sets the losses."""
         with torch.autocast(flat.device.type, enabled=False):  # small logit gaps decide: float32
-            logits = F.linear(flat.float(), self.router.weight.float())  # (N, E), whatever the model's dtype
+            logits = F.linear(flat.float(), self.router.weight.float())  # (N, C) -> (N, E)
         probs = logits.softmax(dim=-1)
-        chosen = torch.topk(logits + self.select_bias, self.top_k, dim=-1).indices  # (N, k)
-        gate = probs.gather(1, chosen)  # (N, k): the bias never reaches the gates
-        if self.top_k > 1:  # Mixtral: renormalize over the chosen; Switch (k=1) keeps p
-            gate = gate / gate.sum(dim=-1, keepdim=True)  # so that the router gets a gradient
+        chosen = torch.topk(logits + self.expert_offset, self.top_k, dim=-1).indices  # (N, k)
+        gate = probs.gather(1, chosen)  # (N, k): the offsets never reach the gates
+        # Mixtral renormalizes over the chosen; Switch (k=1) keeps p, so that the router gets
+        # a gradient (a gate renormalized alone would be 1, whatever the router said)
+        if self.top_k > 1:
+            gate = gate / gate.sum(dim=-1, keepdim=True)
         self.counts = torch.bincount(chosen.flatten(), minlength=self.n_experts)  # (E,)
         # Switch load-balancing loss: E * sum_i f_i * P_i, f_i = share of assignments to
         # expert i (not differentiable), P_i = its mean router probability (differentiable).
@@ -926,15 +928,17 @@ class MoE(nn.Module):
                 and torch.cuda.get_device_capability(xs.device) >= (8, 0))
 
     def run_experts(self, xs, counts):
-        """Local expert e's SwiGLU on rows [start_e, start_e + counts[e]) of the sorted xs."""
+        """Expert e's SwiGLU on rows [start_e, start_e + counts[e]) of the sorted xs (M, C)."""
         dtype = self.matmul_dtype(xs)
         if self.use_grouped(xs, dtype):  # one kernel; offs[e] = the row where expert e ends
             offs = torch.cumsum(counts, 0).to(torch.int32)
-            gate, up = F.grouped_mm(xs.to(dtype), self.w_in.to(dtype), offs=offs).chunk(2, dim=-1)
+            h = F.grouped_mm(xs.to(dtype), self.w_in.to(dtype), offs=offs)  # (M, C) -> (M, 2h)
+            gate, up = h.chunk(2, dim=-1)  # (M, h) each
             return F.grouped_mm(F.silu(gate) * up, self.w_out.to(dtype), offs=offs)  # (M, h) -> (M, C)
         return self.loop_experts(xs, counts)
 
     def loop_experts(self, xs, counts):
+        """The same, one expert at a time: a Python loop that runs anywhere."""
         outs, start = [], 0
         for e, n in enumerate(counts.tolist()):
             if n:
@@ -943,35 +947,14 @@ class MoE(nn.Module):
             start += n
         return torch.cat(outs) if outs else xs[:0]
 
-    def run_remote(self, xs, counts):
-        """5.3 Expert parallelism: send each sorted row to the rank that holds its expert,
-        run the local experts on what arrives from every rank, send the outputs back.
-        counts (E,): this rank's rows per expert; expert j*n + e is local expert e of rank j.
-        A capacity limit was applied to this rank's own rows, before the exchange."""
-        world, n = self.world, self.n_experts // self.world
-        xs = xs.to(self.matmul_dtype(xs))  # send what the experts compute in: bf16 halves the bytes
-        recv = torch.empty_like(counts)  # recv[j*n + e]: rows rank j sends to my expert e
-        dist.all_to_all_single(recv, counts)  # every rank learns what will arrive
-        recv = recv.view(world, n)
-        send_splits, recv_splits = counts.view(world, n).sum(1).tolist(), recv.sum(1).tolist()
-        got = AllToAll.apply(xs, recv_splits, send_splits)  # (R, C) by source rank, then expert
-        expert = torch.repeat_interleave(torch.arange(n, device=xs.device).repeat(world), recv.flatten())
-        order = torch.argsort(expert, stable=True)  # (R,) the received rows grouped by local expert
-        out = self.run_experts(got[order], recv.sum(0))[torch.argsort(order)]  # back to arrival order
-        if self.training:  # rows that leave this rank, there and back (the backward: as much again)
-            there = (sum(send_splits) - send_splits[self.rank]) * xs[:1].nbytes
-            back = (sum(recv_splits) - recv_splits[self.rank]) * out[:1].nbytes
-            self.bytes_sent += there + back
-        return AllToAll.apply(out, send_splits, recv_splits)  # (M, C) in this rank's sorted order
-
     def forward(self, x):
         B, T, C = x.shape
         flat = x.reshape(-1, C)  # (B, T, C) -> (N, C)
-        chosen, gate = self.route(flat)
-        expert_of = chosen.flatten()  # (N*k,) the expert of each assignment
-        order = torch.argsort(expert_of, stable=True)  # assignments grouped by expert
+        chosen, gate = self.route(flat)  # (N, k) each
+        expert_of = chosen.flatten()  # (N, k) -> (N*k,) the expert of each assignment
+        order = torch.argsort(expert_of, stable=True)  # (N*k,) assignments grouped by expert
         token_of = order // self.top_k  # (N*k,) the token of each sorted assignment
-        gate_of = gate.flatten()[order]
+        gate_of = gate.flatten()[order]  # (N*k,)
         counts, self.dropped = self.counts, 0
         if self.capacity_factor > 0:  # each expert keeps its first `capacity` assignments
             capacity = math.ceil(self.capacity_factor * chosen.numel() / self.n_experts)
@@ -979,34 +962,21 @@ class MoE(nn.Module):
             keep = torch.arange(order.numel(), device=x.device) - first[expert_of[order]] < capacity
             token_of, gate_of, counts = token_of[keep], gate_of[keep], counts.clamp(max=capacity)
             self.dropped = int(order.numel() - keep.sum())
-        run = self.run_experts if self.world == 1 else self.run_remote
-        out = run(flat[token_of], counts)  # (M, C) in expert order
+        out = self.run_experts(flat[token_of], counts)  # (M, C) rows in expert order
+        # (M, C) * (M, 1), summed into each row's token: (N, C)
         y = torch.zeros_like(flat).index_add_(0, token_of, (out * gate_of[:, None]).to(flat.dtype))
         if self.shared is not None:
             y = y + self.shared(flat)
-        return y.view(B, T, C)
-
-    def shard_experts(self, rank, world):
-        """5.3 Keep experts [rank*n, (rank+1)*n), n = n_experts / world, on this process.
-        Under DDP the other weights average their gradients over the ranks; an expert's
-        gradient instead sums what every rank's tokens sent back through it, so its hook
-        divides by world to give the same step."""
-        n = self.n_experts // world
-        for name in ("w_in", "w_out"):
-            shard = nn.Parameter(getattr(self, name).detach()[rank * n:(rank + 1) * n].clone())
-            shard.expert_shard = True
-            shard.register_hook(lambda grad: grad / world)
-            setattr(self, name, shard)
-        self.rank, self.world = rank, world
+        return y.view(B, T, C)  # (N, C) -> (B, T, C)
 
     @torch.no_grad()
-    def update_bias(self, rate):
-        """Auxiliary-loss-free balancing (DeepSeek-V3): after each step, raise the selection
-        bias of experts that got fewer assignments than average, lower it for the others."""
+    def update_offsets(self, rate):
+        """Auxiliary-loss-free balancing (DeepSeek-V3): after each step, raise the routing
+        offset of experts that got fewer assignments than average, lower it for the others."""
         load = self.counts.float()
-        if dist.is_initialized():  # the global batch's load: every rank moves the bias alike
+        if dist.is_initialized():  # the global batch's load: every rank moves the offsets alike
             dist.all_reduce(load)
-        self.select_bias += rate * torch.sign(load.mean() - load)
+        self.expert_offset += rate * torch.sign(load.mean() - load)
 
 
 # 1.6 The block and the model -------------------------------------------------------------
@@ -1075,14 +1045,20 @@ class GPT(nn.Module):
         rest = self.num_params() - sum(p.numel() for p in routed)
         return rest + sum(m.top_k * (m.w_in[0].numel() + m.w_out[0].numel()) for m in self.moe_layers())
 
-    def expert_shards(self):
-        """5.3 The parameters of which this process holds one shard (none without --expert_parallel)."""
-        return [p for p in self.parameters() if getattr(p, "expert_shard", False)]
-
     def router_loss(self):
-        """What the routers add to the training loss: load balancing and z-loss."""
-        return sum(self.cfg.aux_loss_coef * m.aux_loss + self.cfg.z_loss_coef * m.z_loss
-                   for m in self.moe_layers())
+        """What the routers add to the training loss (5.1), summed over the MoE layers: the
+        Switch balancing loss (not with --balance aux_free, whose offsets balance instead)
+        and the z-loss."""
+        aux_coef = self.cfg.aux_loss_coef if self.cfg.balance == "aux" else 0.0
+        return sum(aux_coef * m.aux_loss + self.cfg.z_loss_coef * m.z_loss for m in self.moe_layers())
+
+    def router_figures(self):
+        """The routers' losses in the last forward, each the mean over the MoE layers."""
+        moes = self.moe_layers()
+        if not moes:
+            return {}
+        return {"aux_loss": sum(m.aux_loss for m in moes) / len(moes),
+                "z_loss": sum(m.z_loss for m in moes) / len(moes)}
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per weight in a matmul (2 forward, 4 backward) plus
@@ -1131,9 +1107,160 @@ class GPT(nn.Module):
             # prediction: (B, T, V) logits vs (B, T) targets -> flatten to (B*T, V) vs (B*T,).
             # Cross-entropy is -log p(correct token) in nats, averaged over the B*T positions.
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-            if self.training and self.cfg.n_experts:  # evaluation reports the LM loss alone
-                loss = loss + self.router_loss()
         return logits, loss
+
+
+# ----------------------------------------------------------------------------------------
+# 5.3 Expert parallelism: each process holds n_experts / world experts of every MoE layer
+# ----------------------------------------------------------------------------------------
+class AllToAll(torch.autograd.Function):
+    """dist.all_to_all_single with a gradient. Rows [sum(in_splits[:j]), +in_splits[j]) of x
+    go to rank j; out_splits[j] rows arrive from rank j, in rank order. The gradient of each
+    received row goes back to its sender: the same exchange with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits):
+        ctx.splits = in_splits, out_splits
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllToAll.apply(grad, *ctx.splits), None, None
+
+
+def exchange(moe, run_local, xs, counts):
+    """A sharded MoE layer's experts: send each sorted row (M, C) to the rank that holds its
+    expert, run the local experts (run_local) on what arrives from every rank, send the
+    outputs back. counts (E,): this rank's rows per expert; expert j*n + e is local expert e
+    of rank j. A capacity limit was applied to this rank's own rows, before the exchange."""
+    rank, world = rank_world()
+    n = moe.n_experts // world
+    xs = xs.to(moe.matmul_dtype(xs))  # send what the experts compute in: bf16 halves the bytes
+    recv = torch.empty_like(counts)  # recv[j*n + e]: rows rank j sends to my expert e
+    dist.all_to_all_single(recv, counts)  # every rank learns what will arrive
+    recv = recv.view(world, n)  # (E,) -> (world, n)
+    send_splits, recv_splits = counts.view(world, n).sum(1).tolist(), recv.sum(1).tolist()
+    got = AllToAll.apply(xs, recv_splits, send_splits)  # (R, C) by source rank, then expert
+    expert = torch.repeat_interleave(torch.arange(n, device=xs.device).repeat(world), recv.flatten())
+    order = torch.argsort(expert, stable=True)  # (R,) the received rows grouped by local expert
+    out = run_local(got[order], recv.sum(0))[torch.argsort(order)]  # (R, C) back in arrival order
+    if moe.training:  # rows that leave this rank, there and back
+        there = (sum(send_splits) - send_splits[rank]) * xs[:1].nbytes
+        back = (sum(recv_splits) - recv_splits[rank]) * out[:1].nbytes
+        moe.bytes_sent += there + back
+    return AllToAll.apply(out, send_splits, recv_splits)  # (M, C) in this rank's sorted order
+
+
+def shard_experts(moe, rank, world):
+    """Keep experts [rank*n, (rank+1)*n), n = n_experts / world, of this MoE layer on this
+    process, and run them through `exchange`. DDP averages the other weights' gradients over the ranks; an
+    expert's gradient instead sums what every rank's tokens sent back through it, so a hook
+    divides it by world to give the same step."""
+    n = moe.n_experts // world
+    for name in ("w_in", "w_out"):
+        shard = nn.Parameter(getattr(moe, name).detach()[rank * n:(rank + 1) * n].clone())
+        shard.expert_shard = True
+        shard.register_hook(lambda grad: grad / world)
+        setattr(moe, name, shard)
+    moe.bytes_sent = 0  # all-to-all bytes this rank sent in training forwards
+    moe.run_experts = functools.partial(exchange, moe, moe.run_experts)
+
+
+def expert_shards(model):
+    """The parameters of which this process holds one shard (none without --expert_parallel)."""
+    return [p for p in model.parameters() if getattr(p, "expert_shard", False)]
+
+
+def leave_expert_shards_out_of_ddp(model):
+    """Expert shards differ from rank to rank: DDP must not average them. DDP has no public
+    way to leave parameters out; this static method is what torch's own libraries use."""
+    DDP._set_params_and_buffers_to_ignore_for_model(
+        model, [name for name, p in model.named_parameters() if getattr(p, "expert_shard", False)])
+
+
+def fill_expert_grads(model):
+    """This rank's experts that got no token have no gradient: give them a zero one, so that
+    Adam steps them as one process would (momentum, weight decay)."""
+    for p in expert_shards(model):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def a2a_bytes(model):
+    """The all-to-all bytes this rank sent since the last call, forward and backward (the
+    backward sends as much again)."""
+    sent = sum(moe.bytes_sent for moe in model.moe_layers())
+    for moe in model.moe_layers():
+        moe.bytes_sent = 0
+    return 2 * sent
+
+
+def clip_grad_norm(model, max_norm):
+    """clip_grad_norm_ over the whole model. Each rank holds other experts: their squared
+    gradient norms are summed over the ranks first, so every rank sees the norm of the whole
+    model and scales its gradients by the same factor."""
+    shards = expert_shards(model)
+    if not shards:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    ids = {id(p) for p in shards}
+    rest = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in ids]
+    mine = [p.grad for p in shards if p.grad is not None]
+    sq_mine = sum((g.float().pow(2).sum() for g in mine), torch.zeros((), device=rest[0].device))
+    dist.all_reduce(sq_mine)
+    norm = (sum(g.float().pow(2).sum() for g in rest) + sq_mine).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # as clip_grad_norm_ computes it
+    for g in rest + mine:
+        g.mul_(scale.to(g.dtype))
+    return norm
+
+
+def gather_experts(shard, world):
+    """(E/world, ...) on each rank -> (E, ...) on every rank, experts in rank order."""
+    parts = [torch.empty_like(shard) for _ in range(world)]
+    dist.all_gather(parts, shard.contiguous())
+    return torch.cat(parts)
+
+
+def full_state(model, opt):
+    """The model's and the optimizer's state dicts with every expert: each rank's shard of
+    the expert weights (and of their Adam moments) is gathered, so the checkpoint is the one
+    a single process writes. Every rank calls it."""
+    model_state, opt_state = model.state_dict(), opt.state_dict()
+    shards = {id(p) for p in expert_shards(model)}
+    if not shards:
+        return model_state, opt_state
+    world = rank_world()[1]
+    for name, p in model.named_parameters():
+        if id(p) in shards:
+            model_state[name] = gather_experts(p.detach(), world)
+    params = [p for group in opt.param_groups for p in group["params"]]  # the state's keys, in order
+    for i, p in enumerate(params):
+        if id(p) in shards and i in opt_state["state"]:
+            opt_state["state"][i] = {k: gather_experts(v, world) if torch.is_tensor(v) and v.shape == p.shape
+                                     else v for k, v in opt_state["state"][i].items()}
+    return model_state, opt_state
+
+
+def shard_optimizer_state(opt_state, opt, model):
+    """Resuming: this rank's slice of the saved Adam moments of its experts."""
+    shards = {id(p) for p in expert_shards(model)}
+    rank, world = rank_world()
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for i, p in enumerate(params):
+        if id(p) in shards and i in opt_state["state"]:
+            opt_state["state"][i] = {k: v.chunk(world)[rank] if torch.is_tensor(v) and v.dim() else v
+                                     for k, v in opt_state["state"][i].items()}
+    return opt_state
+
+
+def rank0_losses(losses, device):
+    """Rank 0's evaluation on every rank: all ranks then agree on a new best, and all of
+    them take part in gathering the experts for best.pt."""
+    figures = torch.tensor([losses["train"], losses["val"]], device=device)
+    dist.broadcast(figures, 0)
+    return dict(zip(("train", "val"), figures.tolist()))
 
 
 # ----------------------------------------------------------------------------------------
@@ -1206,69 +1333,8 @@ def set_rng_state(state):
 
 def save_checkpoint(path, ckpt):
     """Write to a temp file, then rename: a crash mid-save leaves the old checkpoint whole."""
-    tmp = path + ".tmp"
-    try:
+    with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def gather_experts(shard, world):
-    """5.3 (E/world, ...) on each rank -> (E, ...) on every rank, experts in rank order."""
-    parts = [torch.empty_like(shard) for _ in range(world)]
-    dist.all_gather(parts, shard.contiguous())
-    return torch.cat(parts)
-
-
-def full_state(model, opt, world):
-    """The model's and the optimizer's state dicts with every expert: under expert
-    parallelism each rank's shard of the expert weights (and of their Adam moments) is
-    gathered, so the checkpoint is the one a single process writes. Every rank calls it."""
-    model_state, opt_state = model.state_dict(), opt.state_dict()
-    shards = {id(p) for p in model.expert_shards()}
-    if not shards:
-        return model_state, opt_state
-    for name, p in model.named_parameters():
-        if id(p) in shards:
-            model_state[name] = gather_experts(p.detach(), world)
-    params = [p for group in opt.param_groups for p in group["params"]]  # the state's keys, in order
-    for i, p in enumerate(params):
-        if id(p) in shards and i in opt_state["state"]:
-            opt_state["state"][i] = {k: gather_experts(v, world) if torch.is_tensor(v) and v.shape == p.shape
-                                     else v for k, v in opt_state["state"][i].items()}
-    return model_state, opt_state
-
-
-def shard_optimizer_state(opt_state, opt, model, rank, world):
-    """Resuming under expert parallelism: this rank's slice of the saved Adam moments."""
-    shards = {id(p) for p in model.expert_shards()}
-    params = [p for group in opt.param_groups for p in group["params"]]
-    for i, p in enumerate(params):
-        if id(p) in shards and i in opt_state["state"]:
-            opt_state["state"][i] = {k: v.chunk(world)[rank] if torch.is_tensor(v) and v.dim() else v
-                                     for k, v in opt_state["state"][i].items()}
-    return opt_state
-
-
-def clip_grad_norm(model, max_norm):
-    """clip_grad_norm_ over the whole model. Under expert parallelism each rank holds other
-    experts: their squared gradient norms are summed over the ranks first, so every rank
-    sees the norm of the whole model and scales its gradients by the same factor."""
-    shards = model.expert_shards()
-    if not shards:
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    ids = {id(p) for p in shards}
-    rest = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in ids]
-    mine = [p.grad for p in shards if p.grad is not None]
-    sq_mine = sum((g.float().pow(2).sum() for g in mine), torch.zeros((), device=rest[0].device))
-    dist.all_reduce(sq_mine)
-    norm = (sum(g.float().pow(2).sum() for g in rest) + sq_mine).sqrt()
-    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # as clip_grad_norm_ computes it
-    for g in rest + mine:
-        g.mul_(scale.to(g.dtype))
-    return norm
 
 
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pos", "bias",
@@ -1294,182 +1360,243 @@ def load_checkpoint(path, cfg, device):
     return ckpt
 
 
-def compile_moe(model):
-    """torch.compile, with the MoE's loop over experts and its all-to-all exchange left eager:
-    their sizes (expert slices, split sizes) change every step, and compiled code would be
-    recompiled for each new size. The grouped matmul has none: it compiles."""
+def compile_model(model):
+    """torch.compile, with the MoE's loop over experts and its all-to-all exchange (5.3) left
+    eager: their sizes (expert slices, split sizes) change every step, and compiled code
+    would be recompiled for each new size. The grouped matmul has none: it compiles."""
     for moe in model.moe_layers():
         moe.loop_experts = torch.compiler.disable(moe.loop_experts)
-        moe.run_remote = torch.compiler.disable(moe.run_remote)
+        if "run_experts" in vars(moe):  # replaced by shard_experts: the exchange
+            moe.run_experts = torch.compiler.disable(moe.run_experts)
     return torch.compile(model)
 
 
-def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, resume=None,
-          rank=0, world=1, ckpt_extra=None):
-    """The loop of part02, grown for real runs. Each step accumulates gradients over
-    grad_accum micro-batches (4.2), scales the fp16 loss so small gradients survive, follows
-    the warmup + cosine schedule (4.3), and checkpoints every ckpt_interval steps with all it
-    takes to continue exactly: model, optimizer, scaler, step, RNG states (4.4). Ctrl-C
-    saves before it exits. Under torchrun each rank computes its shard of every batch and
-    DDP averages the gradients, once per step; with expert parallelism (5.3) DDP leaves the
-    expert shards alone, and clipping and checkpoints see every rank's experts."""
-    raw = model  # the plain module: evaluated and saved; `model` may get wrapped below
-    if cfg.compile == "true" or (cfg.compile == "auto" and device.startswith("cuda")):
-        model = compile_moe(model)
-    if world > 1:
-        # 5.3 expert shards differ from rank to rank: DDP must not average them
-        DDP._set_params_and_buffers_to_ignore_for_model(
-            model, [n for n, p in model.named_parameters() if getattr(p, "expert_shard", False)])
-        model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
-    opt = configure_optimizer(raw, cfg, device)
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
-    step, best_val = 0, float("inf")
-    if resume is not None:
-        opt.load_state_dict(shard_optimizer_state(resume["optimizer"], opt, raw, rank, world))
-        scaler.load_state_dict(resume["scaler"])
-        step, best_val = resume["step"], resume["best_val"]
-        set_rng_state(resume["rng"])
-    main_proc = rank == 0
-    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
-    peak = gpu_peak_flops(device)
-    flops_per_step = raw.flops_per_token() * tokens_per_step
+def train_step(model, raw, opt, scaler, data, cfg, device, dtype):
+    """4.2 One optimizer step: grad_accum micro-batches, each forward and backward, then clip
+    and step. fp16 scales the loss up so that small gradients do not flush to zero; under
+    DDP the gradients are averaged over the ranks once, after the last micro-batch. Returns
+    the step's figures as tensors (reading one waits for the GPU): the mean loss, the
+    routers' losses (5.1) and, under expert parallelism, the all-to-all bytes sent (5.3)."""
+    opt.zero_grad(set_to_none=True)
+    loss_sum, router_sums = torch.zeros((), device=device), {}
+    for micro_step in range(cfg.grad_accum):
+        x, y = get_batch(data, cfg.batch_size, cfg.block_size, device, shard=rank_world())
+        last = micro_step == cfg.grad_accum - 1
+        with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
+            with autocast_ctx(device, dtype):
+                _, loss = model(x, y)
+            # 5.1 the routers' balancing losses join the language-model loss
+            scaler.scale((loss + raw.router_loss()) / cfg.grad_accum).backward()
+        loss_sum += loss.detach() / cfg.grad_accum
+        for k, v in raw.router_figures().items():
+            router_sums[k] = router_sums.get(k, 0.0) + v.detach() / cfg.grad_accum
+    fill_expert_grads(raw)  # 5.3
+    if cfg.grad_clip > 0:  # one bad batch cannot throw the weights far
+        scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+        clip_grad_norm(raw, cfg.grad_clip)  # 5.3: the norm over every rank's experts
+    scaler.step(opt)  # skips the step if fp16 gradients overflowed
+    scaler.update()
+    if cfg.balance == "aux_free":  # 5.1 move the routing offsets toward an even load
+        for moe in raw.moe_layers():
+            moe.update_offsets(cfg.balance_rate)
+    figures = {"train_loss": loss_sum, **router_sums}
+    if expert_shards(raw):
+        figures["a2a_bytes_per_step"] = torch.tensor(float(a2a_bytes(raw)), device=device)
+    return figures
 
-    def checkpoint(path):  # called on every rank: expert shards are gathered (5.3); rank 0 writes
-        model_state, opt_state = full_state(raw, opt, world)
-        if main_proc:
-            save_checkpoint(path, {"model": model_state, "optimizer": opt_state,
-                                   "scaler": scaler.state_dict(), "config": dataclasses.asdict(cfg),
-                                   "step": step, "best_val": best_val, "val_loss": best_val,
-                                   "rng": rng_state(), **(ckpt_extra or {})})
 
-    interrupted = []
+def run_state(raw, opt, scaler, cfg, step, best_val, extra=None):
+    """4.4 All a resumed run needs to continue exactly: model, optimizer, loss scaler, step,
+    and every random stream (with random windows, the RNG state is the data position).
+    Every rank calls it: under expert parallelism (5.3) it gathers every rank's experts."""
+    model_state, opt_state = full_state(raw, opt)
+    return {"model": model_state, "optimizer": opt_state, "scaler": scaler.state_dict(),
+            "config": dataclasses.asdict(cfg), "step": step, "best_val": best_val,
+            "val_loss": best_val, "rng": rng_state(), **(extra or {})}
+
+
+@contextlib.contextmanager
+def catch_ctrl_c():
+    """4.4 While training, Ctrl-C asks for a stop: the loop finishes its step, saves a
+    checkpoint and returns; a second Ctrl-C stops at once. Yields the list of presses."""
+    pressed = []
 
     def on_sigint(signum, frame):
-        if interrupted:  # a second Ctrl-C: stop at once
+        if pressed:
             raise KeyboardInterrupt
-        interrupted.append(step)
+        pressed.append(signum)
         print("\nCtrl-C: saving a checkpoint after this step (press again to quit at once)")
 
     in_main_thread = threading.current_thread() is threading.main_thread()
     old_handler = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
-    metrics = (open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if resume else "w", buffering=1)
-               if main_proc else None)
-    writer = None
-    if cfg.tensorboard and main_proc:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
-        except ImportError:
-            print("note: --tensorboard needs the tensorboard package (requirements-extra.txt)")
-    first_step, first_s, eval_s, losses = step, 0.0, 0.0, None
-    t0 = time.perf_counter()
-    model.train()
     try:
+        yield pressed
+    finally:  # even when a step or a save fails
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+
+
+class Progress:
+    """4.5 A run's figures: at each logged step and each evaluation a progress line and a
+    metrics.jsonl row (and TensorBoard scalars with --tensorboard), on rank 0. Tokens/s and
+    MFU count the steps after the first, whose one-off costs (CUDA start-up, torch.compile)
+    would distort them, and leave out evaluation time; elapsed_s counts everything."""
+
+    def __init__(self, cfg, model, device, first_step, append, main_proc=True):
+        self.cfg, self.first_step, self.main_proc = cfg, first_step, main_proc
+        self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+        peak = gpu_peak_flops(device)
+        self.peak = peak * rank_world()[1] if peak else None
+        self.flops_per_token = model.flops_per_token()
+        self.t0, self.first_s, self.eval_s = time.perf_counter(), 0.0, 0.0
+        self.last = {}  # the last logged step's row
+        self.metrics = self.writer = None
+        if main_proc:
+            self.metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if append else "w",
+                                buffering=1)
+            if cfg.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                    self.writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+                except ImportError:
+                    print("note: --tensorboard needs the tensorboard package (requirements-extra.txt)")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for log in (self.metrics, self.writer):
+            if log is not None:
+                log.close()
+
+    def train_seconds(self):
+        return time.perf_counter() - self.t0 - self.eval_s
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Time spent inside stays out of tokens/s and MFU."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.eval_s += time.perf_counter() - t
+
+    def log_step(self, step, lr, figures):
+        """figures: name -> float, the training loss first."""
+        elapsed = time.perf_counter() - self.t0
+        done = step - self.first_step
+        if done == 1:
+            self.first_s = elapsed
+        n, secs = (done - 1, elapsed - self.first_s) if done > 1 else (1, self.first_s)
+        tok_s = n * self.tokens_per_step / max(secs - self.eval_s, 1e-9)
+        mfu = self.flops_per_token * tok_s / self.peak if self.peak else None
+        eta = secs / n * (self.cfg.max_steps - step)
+        self.last = {"step": step, **figures, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu,
+                     "elapsed_s": elapsed}
+        if not self.main_proc:
+            return
+        shown = " | ".join(f"{k.removeprefix('train_').replace('_', ' ')} "
+                           + (f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4f}") for k, v in figures.items())
+        print(f"step {step:5d}/{self.cfg.max_steps} | {shown} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
+              + (f" | MFU {mfu:.1%}" if mfu is not None else "") + f" | {elapsed:.0f}s, ETA {eta:.0f}s")
+        self.metrics.write(json.dumps(self.last) + "\n")
+        if self.writer:
+            for k, v in {**figures, "lr": lr}.items():
+                self.writer.add_scalar(f"train/{k.removeprefix('train_')}", v, step)
+
+    def log_eval(self, step, losses, best, bytes_per_token):
+        if not self.main_proc:
+            return
+        print(f"eval {step:5d} | train {losses['train']:.4f} | val {losses['val']:.4f} nats/token"
+              f" = {bits_per_byte(losses['val'], bytes_per_token):.3f} bpb{' | saved best.pt' if best else ''}")
+        self.metrics.write(json.dumps({"step": step, "eval_train_loss": losses["train"],
+                                       "val_loss": losses["val"]}) + "\n")
+        if self.writer:
+            self.writer.add_scalar("val/loss", losses["val"], step)
+
+
+def any_rank(flag, device):
+    """torchrun: True on every rank when it is True on any of them (one host sync)."""
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
+
+
+def mean_over_ranks(figures):
+    """name -> tensor, averaged over the ranks (each holds its shard's figure) -> name -> float."""
+    world = rank_world()[1]
+    for v in figures.values():
+        if world > 1:
+            dist.all_reduce(v)
+            v /= world
+    return {k: v.item() for k, v in figures.items()}
+
+
+def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, resume=None,
+          extra=None):
+    """The loop of part02, grown for real runs: train_step (4.2) on the warmup + cosine
+    schedule (4.3); every eval_interval steps an evaluation, and best.pt at a new best; every
+    ckpt_interval steps ckpt.pt, which continues the run exactly (4.4); figures through
+    Progress (4.5). Ctrl-C saves, then returns. Under torchrun each rank trains on its shard
+    of every batch, DDP averages the gradients, rank 0 logs and saves; with expert
+    parallelism (5.3) DDP leaves the expert shards alone, and clipping and checkpoints see
+    every rank's experts. `extra` goes into the checkpoints (the tokenizer's name)."""
+    rank, world = rank_world()
+    raw = model  # the plain module: evaluated and saved; `model` may get wrapped below
+    if cfg.compile == "true" or (cfg.compile == "auto" and device.startswith("cuda")):
+        model = compile_model(model)
+    if world > 1:
+        leave_expert_shards_out_of_ddp(model)
+        model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+    opt = configure_optimizer(raw, cfg, device)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+    step, best_val, losses = 0, float("inf"), None
+    if resume is not None:
+        opt.load_state_dict(shard_optimizer_state(resume["optimizer"], opt, raw))
+        scaler.load_state_dict(resume["scaler"])
+        step, best_val = resume["step"], resume["best_val"]
+        set_rng_state(resume["rng"])
+    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
+    progress = Progress(cfg, raw, device, step, append=resume is not None, main_proc=rank == 0)
+    model.train()
+    with catch_ctrl_c() as pressed, progress:
         while step < cfg.max_steps:
             step += 1
             lr = get_lr(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), device=device)
-            for micro_step in range(cfg.grad_accum):
-                x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, device, shard=(rank, world))
-                if world > 1:  # all-reduce the gradients on the last micro-step only
-                    model.require_backward_grad_sync = micro_step == cfg.grad_accum - 1
-                with autocast_ctx(device, dtype):
-                    _, loss = model(x, y)
-                loss = loss / cfg.grad_accum  # the step's loss is the mean over its micro-batches
-                scaler.scale(loss).backward()  # fp16: scale up so small gradients don't flush to 0
-                loss_sum += loss.detach()
-            for p in raw.expert_shards():  # 5.3 this rank's experts got no token: a zero gradient,
-                if p.grad is None:  # so that Adam steps them as one process would (momentum, decay)
-                    p.grad = torch.zeros_like(p)
-            if cfg.grad_clip > 0:  # one bad batch cannot throw the weights far
-                scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-                clip_grad_norm(raw, cfg.grad_clip)
-            scaler.step(opt)  # skips the step if fp16 gradients overflowed
-            scaler.update()
-            if cfg.balance == "bias":
-                for moe in raw.moe_layers():
-                    moe.update_bias(cfg.bias_rate)
-            out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t0 - eval_s >= cfg.max_seconds
-            stop = bool(interrupted) or out_of_time
+            figures = train_step(model, raw, opt, scaler, train_data, cfg, device, dtype)
+            stop = bool(pressed) or 0 < cfg.max_seconds <= progress.train_seconds()
             if world > 1:  # every rank must stop on the same step: they agree at logging steps
-                if step % cfg.log_interval == 0:  # a host sync on logging steps only
-                    flag = torch.tensor(float(stop), device=device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    stop = bool(flag)
-                else:
-                    stop = False
-            stopping = stop or step == cfg.max_steps
-
-            if step % cfg.log_interval == 0 or step == first_step + 1 or stopping:
-                if world > 1:  # the loss of the global batch, not of this rank's shard
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= world
-                loss_f = loss_sum.item()  # the one host sync of a logged step
-                elapsed = time.perf_counter() - t0
-                done = step - first_step
-                if done == 1:  # one-off costs (CUDA start-up, torch.compile) stay out of the rates
-                    first_s = elapsed
-                n, secs = (done - 1, elapsed - first_s) if done > 1 else (1, first_s)
-                tok_s = n * tokens_per_step / max(secs - eval_s, 1e-9)
-                eta = secs / n * (cfg.max_steps - step)
-                mfu = flops_per_step * n / max(secs - eval_s, 1e-9) / (peak * world) if peak else None
-                a2a = 2 * sum(m.bytes_sent for m in raw.moe_layers()) / done if raw.expert_shards() else None
-                if main_proc:
-                    print(f"step {step:5d}/{cfg.max_steps} | loss {loss_f:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
-                          + (f" | MFU {mfu:.1%}" if mfu is not None else "")
-                          + (f" | all-to-all {a2a / 1e6:.2f} MB/step" if a2a is not None else "")
-                          + f" | {elapsed:.0f}s, ETA {eta:.0f}s")
-                    metrics.write(json.dumps({"step": step, "train_loss": loss_f, "lr": lr, "tokens_per_s": tok_s,
-                                              "mfu": mfu, "elapsed_s": elapsed, "a2a_bytes_per_step": a2a}) + "\n")
-                    if writer:
-                        writer.add_scalar("train/loss", loss_f, step)
-                        writer.add_scalar("train/lr", lr, step)
-            if step % cfg.eval_interval == 0 or stopping:
-                t_eval = time.perf_counter()
-                losses = estimate_loss(raw, {"train": train_data, "val": val_data}, cfg, device, dtype)
-                if world > 1:  # rank 0's figures everywhere: all ranks agree on a new best
-                    figures = torch.tensor([losses["train"], losses["val"]], device=device)
-                    dist.broadcast(figures, 0)
-                    losses = dict(zip(("train", "val"), figures.tolist()))
-                best = losses["val"] < best_val
-                if best:
-                    best_val = losses["val"]
-                    checkpoint(best_path)
-                if main_proc:
-                    print(f"eval {step:5d} | train {losses['train']:.4f} | val {losses['val']:.4f} nats/token"
-                          f" = {bits_per_byte(losses['val'], bytes_per_token):.3f} bpb"
-                          f"{' | saved best.pt' if best else ''}")
-                    metrics.write(json.dumps({"step": step, "eval_train_loss": losses["train"],
-                                              "val_loss": losses["val"]}) + "\n")
-                    if writer:
-                        writer.add_scalar("val/loss", losses["val"], step)
-                eval_s += time.perf_counter() - t_eval
-            if step % cfg.ckpt_interval == 0 or stopping:
-                checkpoint(ckpt_path)
+                stop = step % cfg.log_interval == 0 and any_rank(stop, device)
+            last = stop or step == cfg.max_steps
+            if step % cfg.log_interval == 0 or step == progress.first_step + 1 or last:
+                progress.log_step(step, lr, mean_over_ranks(figures))
+            if step % cfg.eval_interval == 0 or last:
+                with progress.evaluating():
+                    losses = estimate_loss(raw, {"train": train_data, "val": val_data}, cfg, device, dtype)
+                    if world > 1:
+                        losses = rank0_losses(losses, device)
+                    best = losses["val"] < best_val
+                    if best:
+                        best_val = losses["val"]
+                        state = run_state(raw, opt, scaler, cfg, step, best_val, extra)
+                        if rank == 0:
+                            save_checkpoint(best_path, state)
+                progress.log_eval(step, losses, best, bytes_per_token)
+            if step % cfg.ckpt_interval == 0 or last:
+                state = run_state(raw, opt, scaler, cfg, step, best_val, extra)
+                if rank == 0:
+                    save_checkpoint(ckpt_path, state)
             if stop:
                 break
-    finally:  # even when a step or a save fails: restore Ctrl-C, close the logs
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
-        if metrics:
-            metrics.close()
-        if writer:
-            writer.close()
-    if interrupted and main_proc:
+    if pressed and rank == 0:
         print(f"stopped at step {step}; continue with --resume")
-    done = max(step - first_step, 1)
-    n, train_s = (done - 1, time.perf_counter() - t0 - eval_s - first_s) if done > 1 else (1, first_s)
-    train_s = max(train_s, 1e-9)
-    mfu = flops_per_step * n / train_s / (peak * world) if peak else None
-    a2a = 2 * sum(m.bytes_sent for m in raw.moe_layers()) / done if raw.expert_shards() else None
     return {"train_loss": losses["train"] if losses else float("nan"),
             "final_val_loss": losses["val"] if losses else float("nan"), "val_loss": best_val,
-            "steps": step, "tokens_per_s": n * tokens_per_step / train_s, "mfu": mfu,
-            "interrupted": bool(interrupted), "a2a_bytes_per_step": a2a}
+            "steps": step, "tokens_per_s": progress.last.get("tokens_per_s", float("nan")),
+            "mfu": progress.last.get("mfu"), "interrupted": bool(pressed),
+            "a2a_bytes_per_step": progress.last.get("a2a_bytes_per_step")}
 
 
 def plot_losses(out_dir):
@@ -1617,69 +1744,52 @@ def compare(cfg, device, dtype, train_data, val_data, bytes_per_token):
 # ----------------------------------------------------------------------------------------
 # main: train (or resume), checkpoint, print samples
 # ----------------------------------------------------------------------------------------
+def in_range(cfg, low, high, *names):
+    """Each --name must lie in [low, high); high None: at least low."""
+    for name in names:
+        v = getattr(cfg, name)
+        if v < low or (high is not None and v >= high):
+            bound = f"at least {low}" if high is None else f"in [{low}, {high})"
+            die(f"--{name} must be {bound}, got {v}")
+
+
 def validate(cfg):
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
-                 "max_steps", "eval_interval", "eval_iters", "log_interval", "num_samples"):
-        if getattr(cfg, name) < 1:
-            die(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.n_embd % cfg.n_head:
-        die(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
-    if cfg.pos not in ("learned", "sinusoidal", "rope"):
-        die(f"--pos {cfg.pos!r}: expected learned, sinusoidal or rope")
-    if cfg.pos == "rope" and (cfg.n_embd // cfg.n_head) % 2:
-        die(f"--pos rope needs an even head size, got {cfg.n_embd // cfg.n_head}")
-    if cfg.norm not in ("layernorm", "rmsnorm"):
-        die(f"--norm {cfg.norm!r}: expected layernorm or rmsnorm")
-    if cfg.mlp not in ("gelu", "swiglu"):
-        die(f"--mlp {cfg.mlp!r}: expected gelu or swiglu")
-    if cfg.n_kv_head < 0 or (cfg.n_kv_head and cfg.n_head % cfg.n_kv_head):
-        die(f"--n_head {cfg.n_head} must be a multiple of --n_kv_head {cfg.n_kv_head}")
-    if cfg.window < 0 or cfg.sink < 0:
-        die(f"--window and --sink must be >= 0 (0 = off), got {cfg.window} and {cfg.sink}")
-    if cfg.sink and not cfg.window:
-        die("--sink needs a sliding window: set --window too")
-    if cfg.max_seconds < 0:
-        die(f"--max_seconds must be >= 0, got {cfg.max_seconds}")
-    if cfg.pos == "sinusoidal" and cfg.n_embd % 2:
-        die(f"--pos sinusoidal needs an even --n_embd, got {cfg.n_embd}")
-    if not 0 <= cfg.dropout < 1:
-        die(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    """Ranges and the rules that tie flags together; choices and finite floats were checked
+    while parsing."""
+    in_range(cfg, 1, None, "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
+             "max_steps", "eval_interval", "eval_iters", "log_interval", "num_samples", "grad_accum",
+             "ckpt_interval", "moe_every")
+    in_range(cfg, 0, None, "n_kv_head", "window", "sink", "max_seconds", "grad_clip", "weight_decay",
+             "max_new_tokens", "temperature", "top_k", "warmup_steps", "min_lr", "n_experts",
+             "expert_hidden", "n_shared_experts", "capacity_factor", "aux_loss_coef", "z_loss_coef",
+             "balance_rate")
+    in_range(cfg, 0, 1, "dropout", "beta1", "beta2")
     if cfg.learning_rate <= 0:
         die(f"--learning_rate must be positive, got {cfg.learning_rate}")
-    if cfg.tokenizer not in ("byte", "bpe"):
-        die(f"--tokenizer {cfg.tokenizer!r}: expected byte or bpe")
+    if not 0 < cfg.top_p <= 1:
+        die(f"--top_p must be in (0, 1], got {cfg.top_p}")
+    if cfg.n_embd % cfg.n_head:
+        die(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
+    if cfg.pos == "rope" and (cfg.n_embd // cfg.n_head) % 2:
+        die(f"--pos rope needs an even head size, got {cfg.n_embd // cfg.n_head}")
+    if cfg.pos == "sinusoidal" and cfg.n_embd % 2:
+        die(f"--pos sinusoidal needs an even --n_embd, got {cfg.n_embd}")
+    if cfg.n_kv_head and cfg.n_head % cfg.n_kv_head:
+        die(f"--n_head {cfg.n_head} must be a multiple of --n_kv_head {cfg.n_kv_head}")
+    if cfg.sink and not cfg.window:
+        die("--sink needs a sliding window: set --window too")
+    if cfg.min_lr > cfg.learning_rate:
+        die(f"--min_lr {cfg.min_lr} must not exceed --learning_rate {cfg.learning_rate}")
     if cfg.tokenizer == "bpe" and not cfg.tokenizer_file and cfg.vocab_size < 257:
         die(f"--vocab_size {cfg.vocab_size}: BPE needs at least 256 bytes + 1 special token")
     if cfg.tokenizer_file and not os.path.isfile(cfg.tokenizer_file):
         die(f"--tokenizer_file {cfg.tokenizer_file}: no such file")
-    if cfg.grad_accum < 1 or cfg.warmup_steps < 0 or cfg.ckpt_interval < 1:
-        die("--grad_accum and --ckpt_interval must be >= 1, --warmup_steps >= 0")
-    if not 0 <= cfg.min_lr <= cfg.learning_rate:
-        die(f"--min_lr must be in [0, --learning_rate], got {cfg.min_lr}")
-    if cfg.n_experts < 0 or cfg.expert_hidden < 0 or cfg.n_shared_experts < 0 or cfg.moe_every < 1:
-        die("--n_experts, --expert_hidden, --n_shared_experts must be >= 0 and --moe_every >= 1")
     if cfg.n_experts and not 1 <= cfg.moe_top_k <= cfg.n_experts:
         die(f"--moe_top_k {cfg.moe_top_k} must be between 1 and --n_experts {cfg.n_experts}")
-    if cfg.capacity_factor < 0:
-        die(f"--capacity_factor must be >= 0 (0 = dropless), got {cfg.capacity_factor}")
-    if cfg.balance not in ("aux", "bias"):
-        die(f"--balance {cfg.balance!r}: expected aux or bias")
-    if cfg.aux_loss_coef < 0 or cfg.z_loss_coef < 0 or cfg.bias_rate < 0:
-        die("--aux_loss_coef, --z_loss_coef and --bias_rate must be >= 0")
-    if cfg.compare and not cfg.n_experts:
-        die("--compare needs an MoE to compare: set --n_experts")
-    if cfg.expert_parallel and not cfg.n_experts:
-        die("--expert_parallel needs an MoE: set --n_experts")
-    if cfg.grouped_mm not in ("auto", "true", "false"):
-        die(f"--grouped_mm {cfg.grouped_mm!r}: expected auto, true or false")
+    if (cfg.compare or cfg.expert_parallel) and not cfg.n_experts:
+        die("--compare and --expert_parallel need an MoE: set --n_experts")
     if cfg.grouped_mm == "true" and not hasattr(F, "grouped_mm"):
         die(f"--grouped_mm true needs torch >= 2.10 (F.grouped_mm); this is {torch.__version__}")
-    if cfg.compile not in ("auto", "true", "false"):
-        die(f"--compile {cfg.compile!r}: expected auto, true or false")
-    if cfg.grad_clip < 0 or cfg.weight_decay < 0 or cfg.max_new_tokens < 0:
-        die("--grad_clip, --weight_decay and --max_new_tokens must not be negative")
-    if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
-        die("--temperature and --top_k must be >= 0, and --top_p in (0, 1]")
 
 
 def build_tokenizer(cfg, text=None):
@@ -1760,18 +1870,19 @@ def main(argv=None):
             print(f"resuming {ckpt_path} at step {resume['step']}")
     if cfg.expert_parallel and world > 1:  # 5.3 after loading: the checkpoint holds every expert
         for moe in model.moe_layers():
-            moe.shard_experts(rank, world)
+            shard_experts(moe, rank, world)
         if rank == 0:
             print(f"expert parallelism: each of {world} processes holds {cfg.n_experts // world}"
                   f" of the {cfg.n_experts} experts of every MoE layer")
-    result = train(model, train_data, val_data, cfg, device, dtype, bytes_per_token, resume, rank,
-                   world, {"tokenizer": tokenizer.name})
+    result = train(model, train_data, val_data, cfg, device, dtype, bytes_per_token, resume,
+                   {"tokenizer": tokenizer.name})
     if world > 1:
         dist.destroy_process_group()
+        gc.collect()  # free DDP and the process group now, not while Python shuts down
     if rank != 0 or result["interrupted"]:
         return None
 
-    if model.expert_shards():  # the saved model holds every expert: rebuild it whole
+    if expert_shards(model):  # the saved model holds every expert: rebuild it whole
         model = GPT(cfg).to(device)
     model.load_state_dict(load_checkpoint(best_path, cfg, device)["model"])  # the best model
     samples = sample(model, tokenizer, cfg, device)
