@@ -317,6 +317,9 @@ class ByteTokenizer:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
+# ----------------------------------------------------------------------------------------
+# 4.1 Tokenizer: byte-level BPE, trained on the text
+# ----------------------------------------------------------------------------------------
 GPT4_SPLIT = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
               r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
 
@@ -448,6 +451,25 @@ def _merge(ids, pair, new_id):
             out.append(ids[i])
             i += 1
     return out
+
+
+def build_tokenizer(cfg, text=None):
+    """The byte tokenizer, or BPE: read from --tokenizer_file, from the run's out_dir when
+    resuming or sampling, else trained on the training split (not val) and saved there."""
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    if cfg.tokenizer_file:
+        return BPETokenizer.load(cfg.tokenizer_file)
+    saved = os.path.join(cfg.out_dir, "tokenizer.json")
+    if cfg.resume or cfg.sample_only:
+        if not os.path.exists(saved):
+            die(f"no tokenizer at {saved}: train first, or pass --tokenizer_file")
+        return BPETokenizer.load(saved)
+    with Timer() as t:
+        tokenizer = BPETokenizer.train(text[: int(0.9 * len(text))], cfg.vocab_size)
+    tokenizer.save(saved)
+    print(f"BPE: {tokenizer.vocab_size} tokens trained in {t.seconds:.1f} s; saved {saved}")
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------------------
@@ -1680,25 +1702,6 @@ def validate(cfg):
         die("--grad_clip, --weight_decay and --max_new_tokens must not be negative")
     if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
         die("--temperature and --top_k must be >= 0, and --top_p in (0, 1]")
-
-
-def build_tokenizer(cfg, text=None):
-    """The byte tokenizer, or BPE: read from --tokenizer_file, from the run's out_dir when
-    resuming or sampling, else trained on the training split (not val) and saved there."""
-    if cfg.tokenizer == "byte":
-        return ByteTokenizer()
-    if cfg.tokenizer_file:
-        return BPETokenizer.load(cfg.tokenizer_file)
-    saved = os.path.join(cfg.out_dir, "tokenizer.json")
-    if cfg.resume or cfg.sample_only:
-        if not os.path.exists(saved):
-            die(f"no tokenizer at {saved}: train first, or pass --tokenizer_file")
-        return BPETokenizer.load(saved)
-    with Timer() as t:
-        tokenizer = BPETokenizer.train(text[: int(0.9 * len(text))], cfg.vocab_size)
-    tokenizer.save(saved)
-    print(f"BPE: {tokenizer.vocab_size} tokens trained in {t.seconds:.1f} s; saved {saved}")
-    return tokenizer
 
 
 def main(argv=None):
