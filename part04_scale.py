@@ -316,6 +316,8 @@ class BPETokenizer:
     into a new id. Special tokens such as <|endoftext|> get ids of their own and are never
     split or produced by merges."""
 
+    LONG_CHUNK = 64  # bytes: a longer chunk is merged by _merge_long, and not cached
+
     def __init__(self, merges=(), special_tokens=(), pattern=GPT4_SPLIT):
         identity = json.dumps([pattern, list(special_tokens), [list(p) for p in merges]])
         self.name = f"bpe{256 + len(merges) + len(special_tokens)}-{hashlib.sha1(identity.encode()).hexdigest()[:8]}"
@@ -381,6 +383,8 @@ class BPETokenizer:
         ids = self._cache.get(chunk)
         if ids is None:
             ids = list(chunk.encode("utf-8"))
+            if len(ids) > self.LONG_CHUNK:  # rare (a long word, base64): the heap, no caching
+                return self._merge_long(ids)
             while len(ids) > 1:  # merge the pair learned earliest, as training did
                 pair = min(zip(ids, ids[1:]), key=lambda p: self.merges.get(p, math.inf))
                 if pair not in self.merges:
@@ -388,6 +392,33 @@ class BPETokenizer:
                 ids = _merge(ids, pair, self.merges[pair])
             self._cache[chunk] = ids
         return ids
+
+    def _merge_long(self, ids):
+        """The merges of the loop above in O(n log n): the loop rescans the whole chunk after
+        every merge, O(n^2), and one pre-token of 200 KB (letters without a space) took tens
+        of seconds. Here the parts form a linked list (nxt, prv) and a heap holds (new id,
+        position) of each neighbour pair that has a merge: the smallest new id is the pair
+        learned earliest, the smallest position the leftmost. A pair made by a merge holds
+        its new id, so it was learned later and waits its turn: the loop's order exactly."""
+        n = len(ids)
+        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))  # n: the end, -1: the start
+        heap = [(self.merges[p], i) for i, p in enumerate(zip(ids, ids[1:])) if p in self.merges]
+        heapq.heapify(heap)
+        while heap:
+            new, i = heapq.heappop(heap)
+            j = nxt[i]
+            if j == n or self.merges.get((ids[i], ids[j])) != new:
+                continue  # stale: i or its neighbour took part in a merge since the push
+            ids[i], ids[j] = new, None  # j joins i and leaves the list
+            nxt[i] = k = nxt[j]
+            if k < n:
+                prv[k] = i
+            h = prv[i]  # the merged part makes two new pairs, with h on its left and k on its right
+            if h >= 0 and (ids[h], new) in self.merges:
+                heapq.heappush(heap, (self.merges[ids[h], new], h))
+            if k < n and (new, ids[k]) in self.merges:
+                heapq.heappush(heap, (self.merges[new, ids[k]], i))
+        return [t for t in ids if t is not None]
 
     def encode(self, text, allow_special=True):
         """Text -> ids. With allow_special, a special token's text becomes its one id."""

@@ -109,6 +109,82 @@ def test_bpe_applies_merges_in_rank_order(name):
     assert tok.encode("a a") == [97, 32, 97]
 
 
+def naive_encode_chunk(merges, ids):
+    """Reference: merge the pair learned earliest (leftmost among equals), rescan, repeat."""
+    while len(ids) > 1:
+        pair = min(zip(ids, ids[1:]), key=lambda p: merges.get(p, math.inf))
+        if pair not in merges:
+            return ids
+        ids = _naive_merge(ids, pair, merges[pair])
+    return ids
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_long_chunk_merges_equal_the_naive_loop(name, shakespeare):
+    """The heap merge of long chunks gives the naive loop's ids on random chunks of every
+    length, on learned merges and on hand-made ones whose merges build on each other."""
+    mod = load(name)
+    rng = random.Random(11)
+    letters = "".join(c for c in Path(shakespeare).read_text(encoding="utf-8")[:20_000] if c.isalpha())
+    tokenizers = [(trained_bpe(mod, shakespeare), letters),
+                  (mod.BPETokenizer.train("".join(rng.choice("aab") for _ in range(3000)), 256 + 60), "ab"),
+                  (mod.BPETokenizer([(97, 97), (256, 97), (98, 98), (256, 256), (97, 258)]), "ab")]
+    for tok, alphabet in tokenizers:
+        for _ in range(700):
+            chunk = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 90)))
+            ids = list(chunk.encode("utf-8"))
+            assert tok._merge_long(list(ids)) == naive_encode_chunk(tok.merges, ids), chunk
+    # through encode(): chunks beyond LONG_CHUNK take the heap, the others the loop
+    tok = tokenizers[0][0]
+    text = " ".join(letters[i:i + rng.randrange(1, 3 * tok.LONG_CHUNK)] for i in range(0, 15_000, 150))
+    want = [i for c in regex.findall(mod.GPT4_SPLIT, text)
+            for i in naive_encode_chunk(tok.merges, list(c.encode("utf-8")))]
+    assert tok.encode(text) == want and tok.decode(want) == text
+    assert max(map(len, text.split())) > tok.LONG_CHUNK
+
+
+class CountingMerges(dict):
+    """A merges table that counts its lookups and fails past a budget (quadratic work fails
+    fast instead of running for minutes)."""
+
+    def __init__(self, merges, budget):
+        super().__init__(merges)
+        self.lookups, self.budget = 0, budget
+
+    def _count(self):
+        self.lookups += 1
+        assert self.lookups <= self.budget, f"more than {self.budget} lookups of the merges"
+
+    def get(self, key, default=None):
+        self._count()
+        return super().get(key, default)
+
+    def __contains__(self, key):
+        self._count()
+        return super().__contains__(key)
+
+    def __getitem__(self, key):
+        self._count()
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_200kb_chunk_encodes_in_linear_many_lookups(name, shakespeare):
+    """200 KB of letters without a space is one pre-token. Rescanning it after each merge
+    is O(n^2) (half a minute); the heap merge looks up each pair a few times. Counted,
+    not timed, so a loaded machine cannot make it flaky."""
+    mod = load(name)
+    text = Path(shakespeare).read_text(encoding="utf-8")
+    letters = "".join(c for c in text if c.isalpha())[:200_000]
+    tok = trained_bpe(mod, shakespeare)
+    fresh = mod.BPETokenizer(list(tok.merges), list(tok.special))
+    fresh.merges = CountingMerges(tok.merges, budget=10 * len(letters))
+    ids = fresh.encode(letters)
+    assert regex.findall(mod.GPT4_SPLIT, letters) == [letters]  # one chunk indeed
+    assert fresh.decode(ids) == letters and len(ids) < 0.8 * len(letters)
+    assert fresh.merges.lookups > len(letters)  # the count sees the lookups
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_bpe_training_gives_the_classic_merges(name):
     """The textbook example: aaabdaaabac -> aa first (4 times), then ab, then (aa)(ab)."""
