@@ -186,6 +186,30 @@ def test_a_200kb_chunk_encodes_in_linear_many_lookups(name, shakespeare):
 
 
 @pytest.mark.parametrize("name", ALL)
+def test_encode_cache_is_bounded_and_skips_long_chunks(name, shakespeare):
+    """200k distinct words once kept 43 MB of cache: it holds CACHE_SIZE chunks at most,
+    starts over when full (the same ids either way) and never keeps a chunk longer than
+    LONG_CHUNK bytes."""
+    mod = load(name)
+    tok = trained_bpe(mod, shakespeare)
+    assert 1000 <= tok.CACHE_SIZE <= 100_000
+    small = mod.BPETokenizer(list(tok.merges), list(tok.special))
+    small.CACHE_SIZE = 100
+    rng = random.Random(12)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randrange(2, 9))) for _ in range(1500)]
+    sizes = []
+    for w in words:
+        assert small.encode(" " + w) == tok.encode(" " + w)
+        sizes.append(len(small._cache))
+    assert len(set(words)) > 1000 and max(sizes) == 100 and sizes[-1] <= 100
+    text = " ".join(words)
+    assert small.encode(text) == tok.encode(text)
+    long = "x" * small.LONG_CHUNK + "y"
+    assert small.decode(small.encode(long)) == long and long not in small._cache
+    assert all(len(c.encode("utf-8")) <= small.LONG_CHUNK for c in small._cache)
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_bpe_training_gives_the_classic_merges(name):
     """The textbook example: aaabdaaabac -> aa first (4 times), then ab, then (aa)(ab)."""
     mod = load(name)
