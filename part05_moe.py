@@ -335,11 +335,13 @@ class BPETokenizer:
     CACHE_SIZE = 30_000  # chunks kept by encode (~7 MB; Tiny Shakespeare has 15k distinct)
 
     def __init__(self, merges=(), special_tokens=(), pattern=GPT4_SPLIT):
+        merges = [tuple(pair) for pair in merges]
+        self._check(merges, special_tokens)
         identity = json.dumps([pattern, list(special_tokens), [list(p) for p in merges]])
         self.name = f"bpe{256 + len(merges) + len(special_tokens)}-{hashlib.sha1(identity.encode()).hexdigest()[:8]}"
         self.pattern = pattern
         self.split = regex.compile(pattern)
-        self.merges = {tuple(pair): 256 + i for i, pair in enumerate(merges)}  # pair -> new id
+        self.merges = {pair: 256 + i for i, pair in enumerate(merges)}  # pair -> new id
         self.vocab = {i: bytes([i]) for i in range(256)}  # id -> the bytes it stands for
         for (a, b), new in self.merges.items():
             self.vocab[new] = self.vocab[a] + self.vocab[b]
@@ -347,6 +349,22 @@ class BPETokenizer:
         self.special_split = (regex.compile("(" + "|".join(map(regex.escape, self.special)) + ")")
                               if self.special else None)
         self._cache = {}  # chunk -> ids: real text repeats its chunks a lot
+
+    @staticmethod
+    def _check(merges, special_tokens):
+        """ValueError unless the ids make one vocabulary: merge r makes id 256 + r out of two
+        earlier ids (bytes, or merges 0..r-1) and no merge repeats, so no id means two
+        things; the special tokens, distinct non-empty strings, take the ids after them."""
+        for rank, pair in enumerate(merges):
+            if len(pair) != 2 or not all(type(i) is int and 0 <= i < 256 + rank for i in pair):
+                raise ValueError(f"merge {rank} {list(pair)} is not two ids below {256 + rank} "
+                                 "(the bytes and the merges before it)")
+        repeated = [pair for pair, n in collections.Counter(merges).items() if n > 1]
+        if repeated:
+            raise ValueError(f"merge {list(repeated[0])} appears twice")
+        if (isinstance(special_tokens, str) or not all(isinstance(t, str) and t for t in special_tokens)
+                or len(set(special_tokens)) < len(special_tokens)):
+            raise ValueError(f"special tokens must be distinct non-empty strings, got {special_tokens!r}")
 
     @property
     def vocab_size(self):
@@ -466,12 +484,14 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path):
+        """A tokenizer saved by save(). ValueError naming the file when it is not one (a
+        library raises; the command line turns it into one line and exit 2)."""
         try:
             with open(path) as f:
                 obj = json.load(f)
-            return cls([tuple(p) for p in obj["merges"]], obj["special_tokens"], obj["pattern"])
-        except (OSError, ValueError, KeyError, TypeError, regex.error) as e:
-            die(f"{path} is not a BPE tokenizer file ({type(e).__name__}: {e})")
+            return cls(obj["merges"], obj["special_tokens"], obj["pattern"])
+        except (ValueError, KeyError, TypeError, regex.error) as e:
+            raise ValueError(f"{path} is not a BPE tokenizer file ({type(e).__name__}: {e})") from e
 
 
 def _merge(ids, pair, new_id):
@@ -489,16 +509,19 @@ def _merge(ids, pair, new_id):
 
 def build_tokenizer(cfg, text=None):
     """The byte tokenizer, or BPE: read from --tokenizer_file, from the run's out_dir when
-    resuming or sampling, else trained on the training split (not val) and saved there."""
+    resuming or sampling, else trained on the training split (not val) and saved there.
+    A file that cannot be read or is not a tokenizer ends the run (exit 2)."""
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
-    if cfg.tokenizer_file:
-        return BPETokenizer.load(cfg.tokenizer_file)
     saved = os.path.join(cfg.out_dir, "tokenizer.json")
-    if cfg.resume or cfg.sample_only:
-        if not os.path.exists(saved):
-            die(f"no tokenizer at {saved}: train first, or pass --tokenizer_file")
-        return BPETokenizer.load(saved)
+    if cfg.tokenizer_file or cfg.resume or cfg.sample_only:
+        path = cfg.tokenizer_file or saved
+        if not os.path.exists(path):
+            die(f"no tokenizer at {path}: train first, or pass --tokenizer_file")
+        try:
+            return BPETokenizer.load(path)
+        except (OSError, ValueError) as e:
+            die(e)
     with Timer() as t:
         tokenizer = BPETokenizer.train(text[: int(0.9 * len(text))], cfg.vocab_size)
     tokenizer.save(saved)

@@ -330,19 +330,71 @@ def test_special_tokens_are_never_split_nor_made_from_text(name, shakespeare):
                                      b'"pattern": "a"}'],
                          ids=["binary", "truncated-json", "empty", "json-list", "no-specials",
                               "one-id-merge", "unknown-id"])
-def test_loading_a_bad_tokenizer_file_exits_2(name, content, tmp_path, capsys):
+def test_loading_a_bad_tokenizer_file_raises_and_the_command_line_exits_2(name, content, tmp_path,
+                                                                          capsys):
+    """A library user can catch the error; build_tokenizer (the command line) makes it one
+    'error:' line and exit status 2."""
     mod = load(name)
     path = write(tmp_path / "tok.json", content)
-    err = expect_exit_2(capsys, mod.BPETokenizer.load, path)
+    with pytest.raises(ValueError, match="tok.json is not a BPE tokenizer file"):
+        mod.BPETokenizer.load(path)
+    err = expect_exit_2(capsys, mod.build_tokenizer, tiny_cfg(mod, tokenizer="bpe", tokenizer_file=path))
     assert "tok.json" in err
 
 
+def tokenizer_file(mod, merges, special_tokens=(SPECIAL,), pattern=None):
+    """The JSON that save() writes, with any merges and special tokens."""
+    return json.dumps({"type": "bpe", "pattern": pattern or mod.GPT4_SPLIT,
+                       "special_tokens": special_tokens, "merges": merges})
+
+
 @pytest.mark.parametrize("name", ALL)
-def test_tokenizer_file_with_a_bad_pattern_exits_2(name, tmp_path, capsys):
+@pytest.mark.parametrize("merges, special_tokens, why", [
+    ([[104, 105], [104, 105]], [SPECIAL], "appears twice"),  # the special id would be 257 = hi
+    ([[97, 256]], [SPECIAL], "below 256"),  # merge 0 makes 256: it cannot contain itself
+    ([[97, 98], [258, 97]], [SPECIAL], "below 257"),  # nor a later id
+    ([[-1, 97]], [SPECIAL], "below 256"), ([[97, 98, 99]], [SPECIAL], "two ids"),
+    ([[97.0, 98]], [SPECIAL], "two ids"), ([[True, 98]], [SPECIAL], "two ids"),
+    ([[97, 98]], [SPECIAL, SPECIAL], "distinct"), ([[97, 98]], [""], "non-empty"),
+    ([[97, 98]], [5], "strings"), ([[97, 98]], "<|x|>", "strings")],
+    ids=["repeated-merge", "merge-of-itself", "merge-of-a-later-id", "negative-id", "three-ids",
+         "float-id", "bool-id", "repeated-special", "empty-special", "int-special", "str-specials"])
+def test_inconsistent_vocabularies_raise_on_load_and_construction(name, merges, special_tokens, why,
+                                                                  tmp_path):
     mod = load(name)
-    path = write(tmp_path / "tok.json", json.dumps({"type": "bpe", "pattern": "(",
-                                                    "special_tokens": [SPECIAL], "merges": []}))
-    expect_exit_2(capsys, mod.BPETokenizer.load, path)
+    path = write(tmp_path / "tok.json", tokenizer_file(mod, merges, special_tokens))
+    with pytest.raises(ValueError, match=why) as e:
+        mod.BPETokenizer.load(path)
+    assert "tok.json" in str(e.value)
+    with pytest.raises(ValueError, match=why):
+        mod.BPETokenizer(merges, special_tokens)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_good_file_loads_whatever_its_merges_build_on(name, tmp_path):
+    mod = load(name)
+    merges = [[104, 105], [256, 256], [32, 257]]  # hi, hihi, " hihi"
+    tok = mod.BPETokenizer.load(write(tmp_path / "tok.json", tokenizer_file(mod, merges, [SPECIAL, "<|pad|>"])))
+    assert tok.special == {SPECIAL: 259, "<|pad|>": 260} and tok.vocab_size == 261
+    assert tok.encode("hi") == [256] and tok.encode(" hihi") == [258] and tok.encode("hihihi") == [257, 256]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_tokenizer_file_with_a_bad_pattern_raises(name, tmp_path):
+    mod = load(name)
+    path = write(tmp_path / "tok.json", tokenizer_file(mod, [], pattern="("))
+    with pytest.raises(ValueError, match="tok.json"):
+        mod.BPETokenizer.load(path)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_resume_with_a_bad_saved_tokenizer_exits_2(name, shakespeare, tmp_path, capsys):
+    mod = load(name)
+    data = small_corpus(tmp_path, shakespeare)
+    write(tmp_path / "out" / "tokenizer.json", tokenizer_file(mod, [[104, 105], [104, 105]]))
+    for flag in ("resume", "sample_only"):
+        err = expect_exit_2(capsys, mod.main, run_flags(tmp_path, data, **{flag: True}))
+        assert "tokenizer.json" in err and "twice" in err
 
 
 @pytest.mark.parametrize("name", ALL)
