@@ -331,6 +331,7 @@ class BPETokenizer:
         for (a, b), new in self.merges.items():
             self.vocab[new] = self.vocab[a] + self.vocab[b]
         self.special = {tok: 256 + len(self.merges) + i for i, tok in enumerate(special_tokens)}
+        self.vocab.update({i: tok.encode("utf-8") for tok, i in self.special.items()})  # their text
         self.special_split = (regex.compile("(" + "|".join(map(regex.escape, self.special)) + ")")
                               if self.special else None)
         self._cache = {}  # chunk -> ids: real text repeats its chunks a lot
@@ -454,8 +455,12 @@ class BPETokenizer:
         return ids
 
     def decode(self, ids):
-        inverse = {i: tok.encode("utf-8") for tok, i in self.special.items()}
-        data = b"".join(self.vocab[i] if i in self.vocab else inverse.get(i, b"") for i in ids)
+        """Ids -> text. An id outside the vocabulary is a ValueError, not a silent gap; bytes
+        that are not UTF-8 (a sample may end inside a character) show as U+FFFD."""
+        try:
+            data = b"".join(self.vocab[i] for i in ids)
+        except KeyError as e:
+            raise ValueError(f"id {e.args[0]!r} is not in the vocabulary (0..{self.vocab_size - 1})") from None
         return data.decode("utf-8", errors="replace")
 
     def save(self, path):

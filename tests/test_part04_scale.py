@@ -323,6 +323,20 @@ def test_special_tokens_are_never_split_nor_made_from_text(name, shakespeare):
 
 
 @pytest.mark.parametrize("name", ALL)
+def test_decode_rejects_ids_outside_the_vocabulary(name, shakespeare):
+    """An unknown id was dropped in silence (decode([99999, -1, 4095]) gave the special
+    token's text): it is a ValueError that names the id. Every real id still decodes."""
+    mod = load(name)
+    tok = trained_bpe(mod, shakespeare)
+    sid = tok.special[SPECIAL]
+    for bad in (99999, -1, tok.vocab_size, 4095):
+        with pytest.raises(ValueError, match=f"id {bad} is not in the vocabulary"):
+            tok.decode([72, bad, sid])
+    assert tok.decode([72, 105, sid]) == "Hi" + SPECIAL
+    assert tok.decode(list(range(tok.vocab_size))).endswith(SPECIAL)
+
+
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\xff garbage", b"{not json",
                                      b"", b"[1, 2, 3]", b'{"merges": [[97, 98]]}',
                                      b'{"merges": [[97]], "special_tokens": [], "pattern": "a"}',
