@@ -313,8 +313,8 @@ class BPETokenizer:
     """4.1 Byte-level BPE (GPT-2/GPT-4 style). Text is first cut into chunks by a regex
     (words, numbers, punctuation, spaces: merges never cross a chunk boundary), each chunk
     is UTF-8 bytes, and training repeatedly merges the most frequent adjacent pair of ids
-    into a new id. Special tokens such as <|endoftext|> get ids of their own and are never
-    split or produced by merges."""
+    into a new id. Special tokens such as <|endoftext|> get the ids after the merges; no
+    merge makes one, and text becomes one only where encode() is told to allow it."""
 
     LONG_CHUNK = 64  # bytes: a longer chunk is merged by _merge_long, and not cached
     CACHE_SIZE = 30_000  # chunks kept by encode (~7 MB; Tiny Shakespeare has 15k distinct)
@@ -332,8 +332,6 @@ class BPETokenizer:
             self.vocab[new] = self.vocab[a] + self.vocab[b]
         self.special = {tok: 256 + len(self.merges) + i for i, tok in enumerate(special_tokens)}
         self.vocab.update({i: tok.encode("utf-8") for tok, i in self.special.items()})  # their text
-        self.special_split = (regex.compile("(" + "|".join(map(regex.escape, self.special)) + ")")
-                              if self.special else None)
         self._cache = {}  # chunk -> ids: real text repeats its chunks a lot
 
     @staticmethod
@@ -442,12 +440,35 @@ class BPETokenizer:
                 heapq.heappush(heap, (self.merges[new, ids[k]], i))
         return [t for t in ids if t is not None]
 
-    def encode(self, text, allow_special=True):
-        """Text -> ids. With allow_special, a special token's text becomes its one id."""
-        parts = self.special_split.split(text) if allow_special and self.special_split else [text]
+    def encode(self, text, allowed_special="none"):
+        """Text -> ids. allowed_special says what the text of a special token becomes:
+          "none" (the default): ordinary text, like any other characters, so text from a user
+              or a file can never forge a special token;
+          "all", or a set such as {"<|endoftext|>"}: its one id, for text the program writes
+              itself (a separator between documents, a chat template);
+          "none_raise": a ValueError, for text that must not hold one.
+        One parameter for tiktoken's two (allowed_special, disallowed_special), as in minbpe:
+        a call wants one of these behaviours, never a mix."""
+        if allowed_special == "none_raise":
+            found = [t for t in self.special if t in text]
+            if found:
+                raise ValueError(f"the text holds special tokens {found}: allowed_special='all' "
+                                 "makes them their ids, 'none' ordinary text")
+        if allowed_special in ("none", "none_raise"):
+            allowed = set()
+        elif allowed_special == "all":
+            allowed = set(self.special)
+        else:
+            allowed = set(allowed_special)
+            if not allowed <= self.special.keys():
+                raise ValueError(f"allowed_special: {sorted(allowed - self.special.keys())} are not special tokens")
+        parts = [text]
+        if allowed:  # cut at the allowed special tokens, longest first: one may begin another
+            alternatives = "|".join(map(regex.escape, sorted(allowed, key=len, reverse=True)))
+            parts = regex.split(f"({alternatives})", text)
         ids = []
         for part in parts:
-            if part in self.special and allow_special:
+            if part in allowed:
                 ids.append(self.special[part])
                 continue
             for chunk in self.split.findall(part):

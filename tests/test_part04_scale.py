@@ -301,25 +301,70 @@ def test_special_tokens_are_never_split_nor_made_from_text(name, shakespeare):
     tok = trained_bpe(mod, shakespeare)
     sid = tok.special[SPECIAL]
     assert sid == tok.vocab_size - 1 and sid == 256 + len(tok.merges)
-    assert tok.encode(SPECIAL) == [sid]
+    assert tok.encode(SPECIAL, allowed_special="all") == [sid]
     assert tok.decode([sid]) == SPECIAL
     for left, right in [("Hello", "World"), ("the end. ", "\nFirst"), ("", ""), (" ", " "),
                         ("\u65e5", "\U0001F600"), ("<|", "|>")]:
         text = left + SPECIAL + right
-        ids = tok.encode(text)
+        ids = tok.encode(text, allowed_special="all")
         assert ids == tok.encode(left) + [sid] + tok.encode(right), repr(text)
         assert tok.decode(ids) == text
-    twice = tok.encode(f"a{SPECIAL}{SPECIAL}b")
+    twice = tok.encode(f"a{SPECIAL}{SPECIAL}b", allowed_special={SPECIAL})
     assert twice.count(sid) == 2
-    # allow_special=False: the same text as ordinary characters, never the special id
-    plain = tok.encode(f"Hello{SPECIAL}World", allow_special=False)
-    assert sid not in plain and len(plain) > 3
-    assert tok.decode(plain) == f"Hello{SPECIAL}World"
     # a tokenizer trained on text full of the special string still keeps it whole
     flooded = mod.BPETokenizer.train((f"doc one{SPECIAL}doc two{SPECIAL}") * 50, 320)
     fid = flooded.special[SPECIAL]
-    assert flooded.encode(f"doc one{SPECIAL}") == flooded.encode("doc one") + [fid]
-    assert all(fid not in flooded.encode(s) for s in random_strings(200, seed=6, extra=NEAR_MISSES))
+    assert flooded.encode(f"doc one{SPECIAL}", allowed_special="all") == flooded.encode("doc one") + [fid]
+    assert all(fid not in flooded.encode(s, allowed_special="all")
+               for s in random_strings(200, seed=6, extra=NEAR_MISSES))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_special_token_text_is_plain_text_unless_allowed(name, shakespeare):
+    """By default the text of a special token is ordinary text (the ids of a tokenizer that
+    has no special tokens), so nobody can forge one by typing it; 'all' or a set of tokens
+    lets it become its id; 'none_raise' refuses it."""
+    mod = load(name)
+    tok = trained_bpe(mod, shakespeare)
+    sid = tok.special[SPECIAL]
+    plain_tok = mod.BPETokenizer(list(tok.merges), [])
+    for text in [f"Hello{SPECIAL}World", f" {SPECIAL}", SPECIAL * 3, f"a<{SPECIAL}>b", "no special"]:
+        plain = plain_tok.encode(text)
+        assert tok.encode(text) == tok.encode(text, allowed_special="none") == plain, repr(text)
+        assert sid not in plain and tok.decode(plain) == text
+        assert tok.encode(text, allowed_special={SPECIAL}) == tok.encode(text, allowed_special="all")
+        assert tok.encode(text, allowed_special="all").count(sid) == text.count(SPECIAL)
+        if SPECIAL in text:
+            with pytest.raises(ValueError, match="special tokens"):
+                tok.encode(text, allowed_special="none_raise")
+        else:
+            assert tok.encode(text, allowed_special="none_raise") == plain
+    for bad in ({"<|im_start|>"}, SPECIAL, "nothing"):  # unknown tokens; a bare string is its letters
+        with pytest.raises(ValueError, match="not special tokens"):
+            tok.encode("hi", allowed_special=bad)
+    # only the allowed ones become ids; a token that begins another does not cut it
+    two = mod.BPETokenizer(list(tok.merges), ["<|a|>", "<|a|>b"])
+    a, ab = two.special["<|a|>"], two.special["<|a|>b"]
+    assert two.encode("x<|a|>by<|a|>", allowed_special="all") == two.encode("x") + [ab] + two.encode("y") + [a]
+    only_a = two.encode("x<|a|>by", allowed_special={"<|a|>"})
+    assert only_a == two.encode("x") + [a] + two.encode("by") and ab not in two.encode("<|a|>b")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_prompt_and_data_cannot_forge_a_special_token(name, shakespeare, tmp_path, monkeypatch):
+    """--data and --prompt are text from a user: their special-token text stays text."""
+    mod = load(name)
+    tok = trained_bpe(mod, shakespeare)
+    sid = tok.special[SPECIAL]
+    text = f"First Citizen:{SPECIAL}\nBefore we proceed any further, hear me speak.\n" * 100
+    cfg = tiny_cfg(mod, data_dir=str(tmp_path / "data"), block_size=64, prompt=f"Hi{SPECIAL}there",
+                   num_samples=1)
+    data, _ = mod.load_tokens(cfg, tok, (text, "forged.txt"))
+    assert sid not in data.tolist() and tok.decode(data.tolist()) == text
+    prompts = []
+    monkeypatch.setattr(mod, "generate", lambda model, idx, *args, **kw: prompts.append(idx) or idx)
+    assert mod.sample(None, tok, cfg, "cpu") == [cfg.prompt]
+    assert sid not in prompts[0].tolist()
 
 
 @pytest.mark.parametrize("name", ALL)
