@@ -371,12 +371,18 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, text, vocab_size, special_tokens=("<|endoftext|>",), pattern=GPT4_SPLIT):
-        """Learn vocab_size - 256 - len(special_tokens) merges from text.
+        """Learn a vocabulary of vocab_size ids from text: the 256 byte values, then
+        vocab_size - 256 - len(special_tokens) merges, then the special tokens. A text with
+        fewer distinct pairs gives fewer merges and a smaller vocabulary (a note says so);
+        a vocab_size below 256 + len(special_tokens) is a ValueError.
 
         Pair counts are kept up to date incrementally: a merge only touches the unique
         chunks that contain the merged pair, never the whole corpus. A heap with lazy
         deletion finds the most frequent pair (ties: the smallest pair, for determinism)."""
         n_merges = vocab_size - 256 - len(special_tokens)
+        if n_merges < 0:
+            raise ValueError(f"vocab_size {vocab_size} is below 256 bytes + "
+                             f"{len(special_tokens)} special tokens")
         counts = collections.Counter(regex.findall(pattern, text))
         words = [list(w.encode("utf-8")) for w in counts]  # unique chunks as id lists
         freq = list(counts.values())
@@ -410,6 +416,9 @@ class BPETokenizer:
             for p in changed:
                 if pair_count.get(p, 0) > 0:
                     heapq.heappush(heap, (-pair_count[p], p))
+        if len(merges) < n_merges:
+            print(f"note: the text has pairs for {len(merges)} merges only: a vocabulary of "
+                  f"{256 + len(merges) + len(special_tokens)}, not {vocab_size}")
         return cls(merges, special_tokens, pattern)
 
     def _encode_chunk(self, chunk):
@@ -476,7 +485,8 @@ class BPETokenizer:
         else:
             allowed = set(allowed_special)
             if not allowed <= self.special.keys():
-                raise ValueError(f"allowed_special: {sorted(allowed - self.special.keys())} are not special tokens")
+                unknown = sorted(allowed - self.special.keys())
+                raise ValueError(f"allowed_special: {unknown} are not special tokens")
         parts = [text]
         if allowed:  # cut at the allowed special tokens, longest first: one may begin another
             alternatives = "|".join(map(regex.escape, sorted(allowed, key=len, reverse=True)))

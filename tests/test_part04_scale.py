@@ -221,6 +221,30 @@ def test_bpe_training_gives_the_classic_merges(name):
     assert with_special.special == {SPECIAL: 258} and with_special.vocab_size == 259
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_vocab_size_counts_bytes_merges_and_special_tokens(name, tmp_path, capsys):
+    """train(text, 256) gave 257 ids and train('hello', 1000) 261 without a word: too small
+    a vocab_size is a ValueError, and a text that runs out of pairs says so in one line."""
+    mod = load(name)
+    for vocab, specials in [(256, (SPECIAL,)), (100, (SPECIAL,)), (257, ("<|a|>", "<|b|>"))]:
+        with pytest.raises(ValueError, match=f"256 bytes \\+ {len(specials)} special tokens"):
+            mod.BPETokenizer.train("hello hello", vocab, specials)
+    assert mod.BPETokenizer.train("hello", 256, special_tokens=()).vocab_size == 256
+    capsys.readouterr()
+    tok = mod.BPETokenizer.train("hello", 1000)
+    assert tok.vocab_size == 261 and len(tok.merges) == 4  # he el ll lo, then no pair is left
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("note:") and "261" in out[0] and "1000" in out[0]
+    assert mod.BPETokenizer.train("hello world " * 3, 262).vocab_size == 262
+    assert capsys.readouterr().out == ""  # enough pairs: nothing to say
+    # the command line: the note, then the usual line with the size reached
+    cfg = tiny_cfg(mod, tokenizer="bpe", vocab_size=5000, out_dir=str(tmp_path))
+    reached = mod.build_tokenizer(cfg, "hello world " * 20).vocab_size
+    out = capsys.readouterr().out.splitlines()
+    assert reached < 300 and [line.split()[0] for line in out] == ["note:", "BPE:"]
+    assert f"vocabulary of {reached}, not 5000" in out[0] and f"{reached} tokens" in out[1]
+
+
 def _naive_merge(ids, pair, new):
     out, i = [], 0
     while i < len(ids):
