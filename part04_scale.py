@@ -329,6 +329,9 @@ class ByteTokenizer:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
+# ----------------------------------------------------------------------------------------
+# 4.1 Tokenizer: byte-level BPE, trained on the text
+# ----------------------------------------------------------------------------------------
 GPT4_SPLIT = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
               r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
 
@@ -337,22 +340,42 @@ class BPETokenizer:
     """4.1 Byte-level BPE (GPT-2/GPT-4 style). Text is first cut into chunks by a regex
     (words, numbers, punctuation, spaces: merges never cross a chunk boundary), each chunk
     is UTF-8 bytes, and training repeatedly merges the most frequent adjacent pair of ids
-    into a new id. Special tokens such as <|endoftext|> get ids of their own and are never
-    split or produced by merges."""
+    into a new id. Special tokens such as <|endoftext|> get the ids after the merges; no
+    merge makes one, and text becomes one only where encode() is told to allow it."""
+
+    LONG_CHUNK = 64  # bytes: a longer chunk is merged by _merge_long, and not cached
+    CACHE_SIZE = 30_000  # chunks kept by encode (~7 MB; Tiny Shakespeare has 15k distinct)
 
     def __init__(self, merges=(), special_tokens=(), pattern=GPT4_SPLIT):
+        merges = [tuple(pair) for pair in merges]
+        self._check(merges, special_tokens)
         identity = json.dumps([pattern, list(special_tokens), [list(p) for p in merges]])
         self.name = f"bpe{256 + len(merges) + len(special_tokens)}-{hashlib.sha1(identity.encode()).hexdigest()[:8]}"
         self.pattern = pattern
         self.split = regex.compile(pattern)
-        self.merges = {tuple(pair): 256 + i for i, pair in enumerate(merges)}  # pair -> new id
+        self.merges = {pair: 256 + i for i, pair in enumerate(merges)}  # pair -> new id
         self.vocab = {i: bytes([i]) for i in range(256)}  # id -> the bytes it stands for
         for (a, b), new in self.merges.items():
             self.vocab[new] = self.vocab[a] + self.vocab[b]
         self.special = {tok: 256 + len(self.merges) + i for i, tok in enumerate(special_tokens)}
-        self.special_split = (regex.compile("(" + "|".join(map(regex.escape, self.special)) + ")")
-                              if self.special else None)
+        self.vocab.update({i: tok.encode("utf-8") for tok, i in self.special.items()})  # their text
         self._cache = {}  # chunk -> ids: real text repeats its chunks a lot
+
+    @staticmethod
+    def _check(merges, special_tokens):
+        """ValueError unless the ids make one vocabulary: merge r makes id 256 + r out of two
+        earlier ids (bytes, or merges 0..r-1) and no merge repeats, so no id means two
+        things; the special tokens, distinct non-empty strings, take the ids after them."""
+        for rank, pair in enumerate(merges):
+            if len(pair) != 2 or not all(type(i) is int and 0 <= i < 256 + rank for i in pair):
+                raise ValueError(f"merge {rank} {list(pair)} is not two ids below {256 + rank} "
+                                 "(the bytes and the merges before it)")
+        repeated = [pair for pair, n in collections.Counter(merges).items() if n > 1]
+        if repeated:
+            raise ValueError(f"merge {list(repeated[0])} appears twice")
+        if (isinstance(special_tokens, str) or not all(isinstance(t, str) and t for t in special_tokens)
+                or len(set(special_tokens)) < len(special_tokens)):
+            raise ValueError(f"special tokens must be distinct non-empty strings, got {special_tokens!r}")
 
     @property
     def vocab_size(self):
@@ -360,12 +383,18 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, text, vocab_size, special_tokens=("<|endoftext|>",), pattern=GPT4_SPLIT):
-        """Learn vocab_size - 256 - len(special_tokens) merges from text.
+        """Learn a vocabulary of vocab_size ids from text: the 256 byte values, then
+        vocab_size - 256 - len(special_tokens) merges, then the special tokens. A text with
+        fewer distinct pairs gives fewer merges and a smaller vocabulary (a note says so);
+        a vocab_size below 256 + len(special_tokens) is a ValueError.
 
         Pair counts are kept up to date incrementally: a merge only touches the unique
         chunks that contain the merged pair, never the whole corpus. A heap with lazy
         deletion finds the most frequent pair (ties: the smallest pair, for determinism)."""
         n_merges = vocab_size - 256 - len(special_tokens)
+        if n_merges < 0:
+            raise ValueError(f"vocab_size {vocab_size} is below 256 bytes + "
+                             f"{len(special_tokens)} special tokens")
         counts = collections.Counter(regex.findall(pattern, text))
         words = [list(w.encode("utf-8")) for w in counts]  # unique chunks as id lists
         freq = list(counts.values())
@@ -399,26 +428,84 @@ class BPETokenizer:
             for p in changed:
                 if pair_count.get(p, 0) > 0:
                     heapq.heappush(heap, (-pair_count[p], p))
+        if len(merges) < n_merges:
+            print(f"note: the text has pairs for {len(merges)} merges only: a vocabulary of "
+                  f"{256 + len(merges) + len(special_tokens)}, not {vocab_size}")
         return cls(merges, special_tokens, pattern)
 
     def _encode_chunk(self, chunk):
         ids = self._cache.get(chunk)
         if ids is None:
             ids = list(chunk.encode("utf-8"))
+            if len(ids) > self.LONG_CHUNK:  # rare (a long word, base64): the heap, no caching
+                return self._merge_long(ids)
             while len(ids) > 1:  # merge the pair learned earliest, as training did
                 pair = min(zip(ids, ids[1:]), key=lambda p: self.merges.get(p, math.inf))
                 if pair not in self.merges:
                     break
                 ids = _merge(ids, pair, self.merges[pair])
+            if len(self._cache) >= self.CACHE_SIZE:
+                self._cache.clear()  # bounded memory; the frequent chunks come back at once
             self._cache[chunk] = ids
         return ids
 
-    def encode(self, text, allow_special=True):
-        """Text -> ids. With allow_special, a special token's text becomes its one id."""
-        parts = self.special_split.split(text) if allow_special and self.special_split else [text]
+    def _merge_long(self, ids):
+        """The merges of the loop above in O(n log n): the loop rescans the whole chunk after
+        every merge, O(n^2), and one pre-token of 200 KB (letters without a space) took tens
+        of seconds. Here the parts form a linked list (nxt, prv) and a heap holds (new id,
+        position) of each neighbour pair that has a merge: the smallest new id is the pair
+        learned earliest, the smallest position the leftmost. A pair made by a merge holds
+        its new id, so it was learned later and waits its turn: the loop's order exactly."""
+        n = len(ids)
+        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))  # n: the end, -1: the start
+        heap = [(self.merges[p], i) for i, p in enumerate(zip(ids, ids[1:])) if p in self.merges]
+        heapq.heapify(heap)
+        while heap:
+            new, i = heapq.heappop(heap)
+            j = nxt[i]
+            if j == n or self.merges.get((ids[i], ids[j])) != new:
+                continue  # stale: i or its neighbour took part in a merge since the push
+            ids[i], ids[j] = new, None  # j joins i and leaves the list
+            nxt[i] = k = nxt[j]
+            if k < n:
+                prv[k] = i
+            h = prv[i]  # the merged part makes two new pairs, with h on its left and k on its right
+            if h >= 0 and (ids[h], new) in self.merges:
+                heapq.heappush(heap, (self.merges[ids[h], new], h))
+            if k < n and (new, ids[k]) in self.merges:
+                heapq.heappush(heap, (self.merges[new, ids[k]], i))
+        return [t for t in ids if t is not None]
+
+    def encode(self, text, allowed_special="none"):
+        """Text -> ids. allowed_special says what the text of a special token becomes:
+          "none" (the default): ordinary text, like any other characters, so text from a user
+              or a file can never forge a special token;
+          "all", or a set such as {"<|endoftext|>"}: its one id, for text the program writes
+              itself (a separator between documents, a chat template);
+          "none_raise": a ValueError, for text that must not hold one.
+        One parameter for tiktoken's two (allowed_special, disallowed_special), as in minbpe:
+        a call wants one of these behaviours, never a mix."""
+        if allowed_special == "none_raise":
+            found = [t for t in self.special if t in text]
+            if found:
+                raise ValueError(f"the text holds special tokens {found}: allowed_special='all' "
+                                 "makes them their ids, 'none' ordinary text")
+        if allowed_special in ("none", "none_raise"):
+            allowed = set()
+        elif allowed_special == "all":
+            allowed = set(self.special)
+        else:
+            allowed = set(allowed_special)
+            if not allowed <= self.special.keys():
+                unknown = sorted(allowed - self.special.keys())
+                raise ValueError(f"allowed_special: {unknown} are not special tokens")
+        parts = [text]
+        if allowed:  # cut at the allowed special tokens, longest first: one may begin another
+            alternatives = "|".join(map(regex.escape, sorted(allowed, key=len, reverse=True)))
+            parts = regex.split(f"({alternatives})", text)
         ids = []
         for part in parts:
-            if part in self.special and allow_special:
+            if part in allowed:
                 ids.append(self.special[part])
                 continue
             for chunk in self.split.findall(part):
@@ -426,8 +513,12 @@ class BPETokenizer:
         return ids
 
     def decode(self, ids):
-        inverse = {i: tok.encode("utf-8") for tok, i in self.special.items()}
-        data = b"".join(self.vocab[i] if i in self.vocab else inverse.get(i, b"") for i in ids)
+        """Ids -> text. An id outside the vocabulary is a ValueError, not a silent gap; bytes
+        that are not UTF-8 (a sample may end inside a character) show as U+FFFD."""
+        try:
+            data = b"".join(self.vocab[i] for i in ids)
+        except KeyError as e:
+            raise ValueError(f"id {e.args[0]!r} is not in the vocabulary (0..{self.vocab_size - 1})") from None
         return data.decode("utf-8", errors="replace")
 
     def save(self, path):
@@ -441,12 +532,14 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path):
+        """A tokenizer saved by save(). ValueError naming the file when it is not one (a
+        library raises; the command line turns it into one line and exit 2)."""
         try:
             with open(path) as f:
                 obj = json.load(f)
-            return cls([tuple(p) for p in obj["merges"]], obj["special_tokens"], obj["pattern"])
-        except (OSError, ValueError, KeyError, TypeError, regex.error) as e:
-            die(f"{path} is not a BPE tokenizer file ({type(e).__name__}: {e})")
+            return cls(obj["merges"], obj["special_tokens"], obj["pattern"])
+        except (ValueError, KeyError, TypeError, regex.error) as e:
+            raise ValueError(f"{path} is not a BPE tokenizer file ({type(e).__name__}: {e})") from e
 
 
 def _merge(ids, pair, new_id):
@@ -460,6 +553,28 @@ def _merge(ids, pair, new_id):
             out.append(ids[i])
             i += 1
     return out
+
+
+def build_tokenizer(cfg, text=None):
+    """The byte tokenizer, or BPE: read from --tokenizer_file, from the run's out_dir when
+    resuming or sampling, else trained on the training split (not val) and saved there.
+    A file that cannot be read or is not a tokenizer ends the run (exit 2)."""
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    saved = os.path.join(cfg.out_dir, "tokenizer.json")
+    if cfg.tokenizer_file or cfg.resume or cfg.sample_only:
+        path = cfg.tokenizer_file or saved
+        if not os.path.exists(path):
+            die(f"no tokenizer at {path}: train first, or pass --tokenizer_file")
+        try:
+            return BPETokenizer.load(path)
+        except (OSError, ValueError) as e:
+            die(e)
+    with Timer() as t:
+        tokenizer = BPETokenizer.train(text[: int(0.9 * len(text))], cfg.vocab_size)
+    tokenizer.save(saved)
+    print(f"BPE: {tokenizer.vocab_size} tokens trained in {t.seconds:.1f} s; saved {saved}")
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------------------
@@ -1384,25 +1499,6 @@ def validate(cfg):
         die(f"--vocab_size {cfg.vocab_size}: BPE needs at least 256 bytes + 1 special token")
     if cfg.tokenizer_file and not os.path.isfile(cfg.tokenizer_file):
         die(f"--tokenizer_file {cfg.tokenizer_file}: no such file")
-
-
-def build_tokenizer(cfg, text=None):
-    """The byte tokenizer, or BPE: read from --tokenizer_file, from the run's out_dir when
-    resuming or sampling, else trained on the training split (not val) and saved there."""
-    if cfg.tokenizer == "byte":
-        return ByteTokenizer()
-    if cfg.tokenizer_file:
-        return BPETokenizer.load(cfg.tokenizer_file)
-    saved = os.path.join(cfg.out_dir, "tokenizer.json")
-    if cfg.resume or cfg.sample_only:
-        if not os.path.exists(saved):
-            die(f"no tokenizer at {saved}: train first, or pass --tokenizer_file")
-        return BPETokenizer.load(saved)
-    with Timer() as t:
-        tokenizer = BPETokenizer.train(text[: int(0.9 * len(text))], cfg.vocab_size)
-    tokenizer.save(saved)
-    print(f"BPE: {tokenizer.vocab_size} tokens trained in {t.seconds:.1f} s; saved {saved}")
-    return tokenizer
 
 
 def main(argv=None):

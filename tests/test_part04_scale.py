@@ -1,6 +1,7 @@
 """Part 04: scaling up. The BPE tokenizer (round trips on random Unicode, merges applied in
-rank order, training against a naive recount, JSON save/load, special tokens, bad files),
-gradient accumulation against one big batch, the warmup + cosine schedule, exact resume
+rank order, long chunks against the naive merge loop, the bounded cache, training against a
+naive recount, JSON save/load, special tokens allowed only on request, inconsistent and bad
+files, unknown ids), gradient accumulation against one big batch, the warmup + cosine schedule, exact resume
 after Ctrl-C, atomic checkpoints, the checkpoint/summary/metrics contents, the vocabulary
 padded to a multiple of 64, two torchrun processes against one, and the FLOPs estimate."""
 import collections
@@ -109,6 +110,106 @@ def test_bpe_applies_merges_in_rank_order(name):
     assert tok.encode("a a") == [97, 32, 97]
 
 
+def naive_encode_chunk(merges, ids):
+    """Reference: merge the pair learned earliest (leftmost among equals), rescan, repeat."""
+    while len(ids) > 1:
+        pair = min(zip(ids, ids[1:]), key=lambda p: merges.get(p, math.inf))
+        if pair not in merges:
+            return ids
+        ids = _naive_merge(ids, pair, merges[pair])
+    return ids
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_long_chunk_merges_equal_the_naive_loop(name, shakespeare):
+    """The heap merge of long chunks gives the naive loop's ids on random chunks of every
+    length, on learned merges and on hand-made ones whose merges build on each other."""
+    mod = load(name)
+    rng = random.Random(11)
+    letters = "".join(c for c in Path(shakespeare).read_text(encoding="utf-8")[:20_000] if c.isalpha())
+    tokenizers = [(trained_bpe(mod, shakespeare), letters),
+                  (mod.BPETokenizer.train("".join(rng.choice("aab") for _ in range(3000)), 256 + 60), "ab"),
+                  (mod.BPETokenizer([(97, 97), (256, 97), (98, 98), (256, 256), (97, 258)]), "ab")]
+    for tok, alphabet in tokenizers:
+        for _ in range(1000):
+            chunk = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 90)))
+            ids = list(chunk.encode("utf-8"))
+            assert tok._merge_long(list(ids)) == naive_encode_chunk(tok.merges, ids), chunk
+    # through encode(): chunks beyond LONG_CHUNK take the heap, the others the loop
+    tok = tokenizers[0][0]
+    text = " ".join(letters[i:i + rng.randrange(1, 3 * tok.LONG_CHUNK)] for i in range(0, 15_000, 150))
+    want = [i for c in regex.findall(mod.GPT4_SPLIT, text)
+            for i in naive_encode_chunk(tok.merges, list(c.encode("utf-8")))]
+    assert tok.encode(text) == want and tok.decode(want) == text
+    assert max(map(len, text.split())) > tok.LONG_CHUNK
+
+
+class CountingMerges(dict):
+    """A merges table that counts its lookups and fails past a budget (quadratic work fails
+    fast instead of running for minutes)."""
+
+    def __init__(self, merges, budget):
+        super().__init__(merges)
+        self.lookups, self.budget = 0, budget
+
+    def _count(self):
+        self.lookups += 1
+        assert self.lookups <= self.budget, f"more than {self.budget} lookups of the merges"
+
+    def get(self, key, default=None):
+        self._count()
+        return super().get(key, default)
+
+    def __contains__(self, key):
+        self._count()
+        return super().__contains__(key)
+
+    def __getitem__(self, key):
+        self._count()
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_200kb_chunk_encodes_in_linear_many_lookups(name, shakespeare):
+    """200 KB of letters without a space is one pre-token. Rescanning it after each merge
+    is O(n^2) (half a minute); the heap merge looks up each pair a few times. Counted,
+    not timed, so a loaded machine cannot make it flaky."""
+    mod = load(name)
+    text = Path(shakespeare).read_text(encoding="utf-8")
+    letters = "".join(c for c in text if c.isalpha())[:200_000]
+    tok = trained_bpe(mod, shakespeare)
+    fresh = mod.BPETokenizer(list(tok.merges), list(tok.special))
+    fresh.merges = CountingMerges(tok.merges, budget=10 * len(letters))
+    ids = fresh.encode(letters)
+    assert regex.findall(mod.GPT4_SPLIT, letters) == [letters]  # one chunk indeed
+    assert fresh.decode(ids) == letters and len(ids) < 0.8 * len(letters)
+    assert fresh.merges.lookups > len(letters)  # the count sees the lookups
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_encode_cache_is_bounded_and_skips_long_chunks(name, shakespeare):
+    """200k distinct words once kept 43 MB of cache: it holds CACHE_SIZE chunks at most,
+    starts over when full (the same ids either way) and never keeps a chunk longer than
+    LONG_CHUNK bytes."""
+    mod = load(name)
+    tok = trained_bpe(mod, shakespeare)
+    assert 1000 <= tok.CACHE_SIZE <= 100_000
+    small = mod.BPETokenizer(list(tok.merges), list(tok.special))
+    small.CACHE_SIZE = 100
+    rng = random.Random(12)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randrange(2, 9))) for _ in range(1500)]
+    sizes = []
+    for w in words:
+        assert small.encode(" " + w) == tok.encode(" " + w)
+        sizes.append(len(small._cache))
+    assert len(set(words)) > 1000 and max(sizes) == 100 and sizes[-1] <= 100
+    text = " ".join(words)
+    assert small.encode(text) == tok.encode(text)
+    long = "x" * small.LONG_CHUNK + "y"
+    assert small.decode(small.encode(long)) == long and long not in small._cache
+    assert all(len(c.encode("utf-8")) <= small.LONG_CHUNK for c in small._cache)
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_bpe_training_gives_the_classic_merges(name):
     """The textbook example: aaabdaaabac -> aa first (4 times), then ab, then (aa)(ab)."""
@@ -119,6 +220,30 @@ def test_bpe_training_gives_the_classic_merges(name):
     with_special = mod.BPETokenizer.train("aaabdaaabac", 256 + 3)  # one slot goes to the special
     assert list(with_special.merges) == [(97, 97), (97, 98)]
     assert with_special.special == {SPECIAL: 258} and with_special.vocab_size == 259
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_vocab_size_counts_bytes_merges_and_special_tokens(name, tmp_path, capsys):
+    """train(text, 256) gave 257 ids and train('hello', 1000) 261 without a word: too small
+    a vocab_size is a ValueError, and a text that runs out of pairs says so in one line."""
+    mod = load(name)
+    for vocab, specials in [(256, (SPECIAL,)), (100, (SPECIAL,)), (257, ("<|a|>", "<|b|>"))]:
+        with pytest.raises(ValueError, match=f"256 bytes \\+ {len(specials)} special tokens"):
+            mod.BPETokenizer.train("hello hello", vocab, specials)
+    assert mod.BPETokenizer.train("hello", 256, special_tokens=()).vocab_size == 256
+    capsys.readouterr()
+    tok = mod.BPETokenizer.train("hello", 1000)
+    assert tok.vocab_size == 261 and len(tok.merges) == 4  # he el ll lo, then no pair is left
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("note:") and "261" in out[0] and "1000" in out[0]
+    assert mod.BPETokenizer.train("hello world " * 3, 262).vocab_size == 262
+    assert capsys.readouterr().out == ""  # enough pairs: nothing to say
+    # the command line: the note, then the usual line with the size reached
+    cfg = tiny_cfg(mod, tokenizer="bpe", vocab_size=5000, out_dir=str(tmp_path))
+    reached = mod.build_tokenizer(cfg, "hello world " * 20).vocab_size
+    out = capsys.readouterr().out.splitlines()
+    assert reached < 300 and [line.split()[0] for line in out] == ["note:", "BPE:"]
+    assert f"vocabulary of {reached}, not 5000" in out[0] and f"{reached} tokens" in out[1]
 
 
 def _naive_merge(ids, pair, new):
@@ -201,25 +326,84 @@ def test_special_tokens_are_never_split_nor_made_from_text(name, shakespeare):
     tok = trained_bpe(mod, shakespeare)
     sid = tok.special[SPECIAL]
     assert sid == tok.vocab_size - 1 and sid == 256 + len(tok.merges)
-    assert tok.encode(SPECIAL) == [sid]
+    assert tok.encode(SPECIAL, allowed_special="all") == [sid]
     assert tok.decode([sid]) == SPECIAL
     for left, right in [("Hello", "World"), ("the end. ", "\nFirst"), ("", ""), (" ", " "),
                         ("\u65e5", "\U0001F600"), ("<|", "|>")]:
         text = left + SPECIAL + right
-        ids = tok.encode(text)
+        ids = tok.encode(text, allowed_special="all")
         assert ids == tok.encode(left) + [sid] + tok.encode(right), repr(text)
         assert tok.decode(ids) == text
-    twice = tok.encode(f"a{SPECIAL}{SPECIAL}b")
+    twice = tok.encode(f"a{SPECIAL}{SPECIAL}b", allowed_special={SPECIAL})
     assert twice.count(sid) == 2
-    # allow_special=False: the same text as ordinary characters, never the special id
-    plain = tok.encode(f"Hello{SPECIAL}World", allow_special=False)
-    assert sid not in plain and len(plain) > 3
-    assert tok.decode(plain) == f"Hello{SPECIAL}World"
     # a tokenizer trained on text full of the special string still keeps it whole
     flooded = mod.BPETokenizer.train((f"doc one{SPECIAL}doc two{SPECIAL}") * 50, 320)
     fid = flooded.special[SPECIAL]
-    assert flooded.encode(f"doc one{SPECIAL}") == flooded.encode("doc one") + [fid]
-    assert all(fid not in flooded.encode(s) for s in random_strings(200, seed=6, extra=NEAR_MISSES))
+    assert flooded.encode(f"doc one{SPECIAL}", allowed_special="all") == flooded.encode("doc one") + [fid]
+    assert all(fid not in flooded.encode(s, allowed_special="all")
+               for s in random_strings(200, seed=6, extra=NEAR_MISSES))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_special_token_text_is_plain_text_unless_allowed(name, shakespeare):
+    """By default the text of a special token is ordinary text (the ids of a tokenizer that
+    has no special tokens), so nobody can forge one by typing it; 'all' or a set of tokens
+    lets it become its id; 'none_raise' refuses it."""
+    mod = load(name)
+    tok = trained_bpe(mod, shakespeare)
+    sid = tok.special[SPECIAL]
+    plain_tok = mod.BPETokenizer(list(tok.merges), [])
+    for text in [f"Hello{SPECIAL}World", f" {SPECIAL}", SPECIAL * 3, f"a<{SPECIAL}>b", "no special"]:
+        plain = plain_tok.encode(text)
+        assert tok.encode(text) == tok.encode(text, allowed_special="none") == plain, repr(text)
+        assert sid not in plain and tok.decode(plain) == text
+        assert tok.encode(text, allowed_special={SPECIAL}) == tok.encode(text, allowed_special="all")
+        assert tok.encode(text, allowed_special="all").count(sid) == text.count(SPECIAL)
+        if SPECIAL in text:
+            with pytest.raises(ValueError, match="special tokens"):
+                tok.encode(text, allowed_special="none_raise")
+        else:
+            assert tok.encode(text, allowed_special="none_raise") == plain
+    for bad in ({"<|im_start|>"}, SPECIAL, "nothing"):  # unknown tokens; a bare string is its letters
+        with pytest.raises(ValueError, match="not special tokens"):
+            tok.encode("hi", allowed_special=bad)
+    # only the allowed ones become ids; a token that begins another does not cut it
+    two = mod.BPETokenizer(list(tok.merges), ["<|a|>", "<|a|>b"])
+    a, ab = two.special["<|a|>"], two.special["<|a|>b"]
+    assert two.encode("x<|a|>by<|a|>", allowed_special="all") == two.encode("x") + [ab] + two.encode("y") + [a]
+    only_a = two.encode("x<|a|>by", allowed_special={"<|a|>"})
+    assert only_a == two.encode("x") + [a] + two.encode("by") and ab not in two.encode("<|a|>b")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_prompt_and_data_cannot_forge_a_special_token(name, shakespeare, tmp_path, monkeypatch):
+    """--data and --prompt are text from a user: their special-token text stays text."""
+    mod = load(name)
+    tok = trained_bpe(mod, shakespeare)
+    sid = tok.special[SPECIAL]
+    text = f"First Citizen:{SPECIAL}\nBefore we proceed any further, hear me speak.\n" * 100
+    cfg = tiny_cfg(mod, data_dir=str(tmp_path / "data"), block_size=64, prompt=f"Hi{SPECIAL}there",
+                   num_samples=1)
+    data, _ = mod.load_tokens(cfg, tok, (text, "forged.txt"))
+    assert sid not in data.tolist() and tok.decode(data.tolist()) == text
+    prompts = []
+    monkeypatch.setattr(mod, "generate", lambda model, idx, *args, **kw: prompts.append(idx) or idx)
+    assert mod.sample(None, tok, cfg, "cpu") == [cfg.prompt]
+    assert sid not in prompts[0].tolist()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_decode_rejects_ids_outside_the_vocabulary(name, shakespeare):
+    """An unknown id was dropped in silence (decode([99999, -1, 4095]) gave the special
+    token's text): it is a ValueError that names the id. Every real id still decodes."""
+    mod = load(name)
+    tok = trained_bpe(mod, shakespeare)
+    sid = tok.special[SPECIAL]
+    for bad in (99999, -1, tok.vocab_size, 4095):
+        with pytest.raises(ValueError, match=f"id {bad} is not in the vocabulary"):
+            tok.decode([72, bad, sid])
+    assert tok.decode([72, 105, sid]) == "Hi" + SPECIAL
+    assert tok.decode(list(range(tok.vocab_size))).endswith(SPECIAL)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -230,19 +414,71 @@ def test_special_tokens_are_never_split_nor_made_from_text(name, shakespeare):
                                      b'"pattern": "a"}'],
                          ids=["binary", "truncated-json", "empty", "json-list", "no-specials",
                               "one-id-merge", "unknown-id"])
-def test_loading_a_bad_tokenizer_file_exits_2(name, content, tmp_path, capsys):
+def test_loading_a_bad_tokenizer_file_raises_and_the_command_line_exits_2(name, content, tmp_path,
+                                                                          capsys):
+    """A library user can catch the error; build_tokenizer (the command line) makes it one
+    'error:' line and exit status 2."""
     mod = load(name)
     path = write(tmp_path / "tok.json", content)
-    err = expect_exit_2(capsys, mod.BPETokenizer.load, path)
+    with pytest.raises(ValueError, match="tok.json is not a BPE tokenizer file"):
+        mod.BPETokenizer.load(path)
+    err = expect_exit_2(capsys, mod.build_tokenizer, tiny_cfg(mod, tokenizer="bpe", tokenizer_file=path))
     assert "tok.json" in err
 
 
+def tokenizer_file(mod, merges, special_tokens=(SPECIAL,), pattern=None):
+    """The JSON that save() writes, with any merges and special tokens."""
+    return json.dumps({"type": "bpe", "pattern": pattern or mod.GPT4_SPLIT,
+                       "special_tokens": special_tokens, "merges": merges})
+
+
 @pytest.mark.parametrize("name", ALL)
-def test_tokenizer_file_with_a_bad_pattern_exits_2(name, tmp_path, capsys):
+@pytest.mark.parametrize("merges, special_tokens, why", [
+    ([[104, 105], [104, 105]], [SPECIAL], "appears twice"),  # the special id would be 257 = hi
+    ([[97, 256]], [SPECIAL], "below 256"),  # merge 0 makes 256: it cannot contain itself
+    ([[97, 98], [258, 97]], [SPECIAL], "below 257"),  # nor a later id
+    ([[-1, 97]], [SPECIAL], "below 256"), ([[97, 98, 99]], [SPECIAL], "two ids"),
+    ([[97.0, 98]], [SPECIAL], "two ids"), ([[True, 98]], [SPECIAL], "two ids"),
+    ([[97, 98]], [SPECIAL, SPECIAL], "distinct"), ([[97, 98]], [""], "non-empty"),
+    ([[97, 98]], [5], "strings"), ([[97, 98]], "<|x|>", "strings")],
+    ids=["repeated-merge", "merge-of-itself", "merge-of-a-later-id", "negative-id", "three-ids",
+         "float-id", "bool-id", "repeated-special", "empty-special", "int-special", "str-specials"])
+def test_inconsistent_vocabularies_raise_on_load_and_construction(name, merges, special_tokens, why,
+                                                                  tmp_path):
     mod = load(name)
-    path = write(tmp_path / "tok.json", json.dumps({"type": "bpe", "pattern": "(",
-                                                    "special_tokens": [SPECIAL], "merges": []}))
-    expect_exit_2(capsys, mod.BPETokenizer.load, path)
+    path = write(tmp_path / "tok.json", tokenizer_file(mod, merges, special_tokens))
+    with pytest.raises(ValueError, match=why) as e:
+        mod.BPETokenizer.load(path)
+    assert "tok.json" in str(e.value)
+    with pytest.raises(ValueError, match=why):
+        mod.BPETokenizer(merges, special_tokens)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_good_file_loads_whatever_its_merges_build_on(name, tmp_path):
+    mod = load(name)
+    merges = [[104, 105], [256, 256], [32, 257]]  # hi, hihi, " hihi"
+    tok = mod.BPETokenizer.load(write(tmp_path / "tok.json", tokenizer_file(mod, merges, [SPECIAL, "<|pad|>"])))
+    assert tok.special == {SPECIAL: 259, "<|pad|>": 260} and tok.vocab_size == 261
+    assert tok.encode("hi") == [256] and tok.encode(" hihi") == [258] and tok.encode("hihihi") == [257, 256]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_tokenizer_file_with_a_bad_pattern_raises(name, tmp_path):
+    mod = load(name)
+    path = write(tmp_path / "tok.json", tokenizer_file(mod, [], pattern="("))
+    with pytest.raises(ValueError, match="tok.json"):
+        mod.BPETokenizer.load(path)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_resume_with_a_bad_saved_tokenizer_exits_2(name, shakespeare, tmp_path, capsys):
+    mod = load(name)
+    data = small_corpus(tmp_path, shakespeare)
+    write(tmp_path / "out" / "tokenizer.json", tokenizer_file(mod, [[104, 105], [104, 105]]))
+    for flag in ("resume", "sample_only"):
+        err = expect_exit_2(capsys, mod.main, run_flags(tmp_path, data, **{flag: True}))
+        assert "tokenizer.json" in err and "twice" in err
 
 
 @pytest.mark.parametrize("name", ALL)
