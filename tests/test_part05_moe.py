@@ -1,9 +1,9 @@
 """Part 05: Mixture-of-Experts. Top-k gating against its definition (float32 router, even
-under autocast; the selection bias picks experts but never enters the gates), dispatch and
+under autocast; the routing offsets pick experts but never enters the gates), dispatch and
 combine against a naive per-token reference in float64, the grouped matmul against the loop
 over experts, expert parallelism over processes against one process (the layer, then whole
 training runs under torchrun, checkpoints and resume), the load-balancing loss and the
-z-loss against their formulas, capacity drops, bias balancing, hybrid placement
+z-loss against their formulas, capacity drops, auxiliary-loss-free balancing, hybrid placement
 (--moe_every), active parameters against the dense model, the router loss in training
 only, gradients, flag errors, checkpoints of another shape, and the dense-vs-MoE milestone."""
 import dataclasses
@@ -71,7 +71,7 @@ def router_logits(moe, flat):
 
 
 def reference_route(moe, flat):
-    """Top-k by logits + selection bias; gates = the router probabilities of the chosen
+    """Top-k by logits + routing offsets; gates = the router probabilities of the chosen
     experts, renormalized to sum to 1 when k > 1 (Switch, k = 1, keeps p)."""
     logits = router_logits(moe, flat)
     probs = logits.softmax(-1)
@@ -889,7 +889,7 @@ def test_checkpoint_of_another_moe_shape_is_refused(name, field, value, tmp_path
         mod.load_checkpoint(path, dataclasses.replace(cfg, **{field: value}), "cpu")
     assert e.value.code == 2
     assert f"--{field}" in capsys.readouterr().err
-    # the selection bias is state: it travels with the weights
+    # the routing offsets are state: it travels with the weights
     assert any(k.endswith("expert_offset") for k in model.state_dict())
 
 
