@@ -1,11 +1,11 @@
 """Part 05: Mixture-of-Experts. Top-k gating against its definition (float32 router, even
-under autocast; the routing offsets pick experts but never enters the gates), dispatch and
+under autocast; the routing offsets pick experts but never enter the gates), dispatch and
 combine against a naive per-token reference in float64, the grouped matmul against the loop
 over experts, expert parallelism over processes against one process (the layer, then whole
 training runs under torchrun, checkpoints and resume), the load-balancing loss and the
 z-loss against their formulas, capacity drops, auxiliary-loss-free balancing, hybrid placement
-(--moe_every), active parameters against the dense model, the router loss in training
-only, gradients, flag errors, checkpoints of another shape, and the dense-vs-MoE milestone."""
+(--moe_every), active parameters against the dense model, the router losses kept out of the LM loss,
+gradients, flag errors, checkpoints of another shape, and the dense-vs-MoE milestone."""
 import dataclasses
 import gc
 import math
