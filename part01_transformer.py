@@ -231,7 +231,6 @@ def write_json(path, obj):
         json.dump(obj, f, indent=2)
 
 
-
 # ----------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------
@@ -415,6 +414,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """The decoder: token embeddings plus position embeddings, n_layer pre-norm blocks, a
+    final norm, and the LM head, which shares its matrix with the token embedding.
+    forward(idx (B, T), targets (B, T) or None) -> logits (B, T, vocab), loss or None."""
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg

@@ -23,8 +23,9 @@ Milestone: validation loss <= 1.90 nats/byte on Tiny Shakespeare within 3 minute
 2-core CPU, then samples. out/part02/summary.json: `val_loss`, `val_bpb`, `train_loss`,
 `tokens_per_s`, `wall_s`, `steps`, `data`.
 
-Part01's memorization demo stays behind:
-Replaces: explain_attention, attention_picture
+Part01's memorization demo stays behind, and so do the single head and the parameter
+formula it taught (multi-head attention and num_params() carry on):
+Replaces: explain_attention, attention_picture, Head, count_params
 """
 
 import argparse
@@ -357,18 +358,6 @@ def get_batch(data, batch_size, block_size, device, generator=None):
 # ----------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------
-def count_params(n_layer, n_embd, block_size, vocab_size, learned_pos=True, bias=True):
-    """Parameters of `GPT`: the token embedding, tied to the LM head, counts once; learned
-    positions add T*C (sinusoidal ones are a fixed table, no parameters). Per block:
-    LayerNorm (2C) + qkv (3C*C + 3C) + proj (C*C + C) + LayerNorm (2C)
-    + MLP (C*4C + 4C + 4C*C + C) = 12C^2 + 13C with biases, 12C^2 + 2C without
-    (LayerNorm keeps its weight). A final LayerNorm: 2C with bias, C without."""
-    C = n_embd
-    per_block = 12 * C * C + (13 * C if bias else 2 * C)
-    pos = block_size * C if learned_pos else 0
-    return vocab_size * C + pos + n_layer * per_block + (2 * C if bias else C)
-
-
 # 1.1 Positional embeddings --------------------------------------------------------------
 def sinusoidal_table(T, C):
     """(T, C) table: PE[p, 2i] = sin(p / 10000^(2i/C)), PE[p, 2i+1] = cos(same angle).
@@ -391,7 +380,7 @@ class SinusoidalPositions(nn.Module):
         return self.table[pos]
 
 
-# 1.3 A single attention head ------------------------------------------------------------
+# 1.3 Scaled dot-product attention -------------------------------------------------------
 def causal_mask(T, device=None):
     """(T, T) bool, True where query i may attend to key j (j <= i)."""
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()
@@ -407,20 +396,6 @@ def attention(q, k, v, mask, dropout=None):
     return att @ v, att  # (..., T, T) @ (..., T, d) -> (..., T, d)
 
 
-class Head(nn.Module):
-    """One head: project to queries, keys and values, then attend causally."""
-
-    def __init__(self, n_embd, head_dim, bias=False):
-        super().__init__()
-        self.query = nn.Linear(n_embd, head_dim, bias=bias)
-        self.key = nn.Linear(n_embd, head_dim, bias=bias)
-        self.value = nn.Linear(n_embd, head_dim, bias=bias)
-
-    def forward(self, x):  # (B, T, C) -> (B, T, head_dim)
-        q, k, v = self.query(x), self.key(x), self.value(x)  # each (B, T, head_dim)
-        return attention(q, k, v, causal_mask(x.size(1), x.device))[0]
-
-
 # 1.4 Multi-head attention ---------------------------------------------------------------
 class CausalSelfAttention(nn.Module):
     """n_head heads side by side: one matmul makes q, k, v for all heads, a reshape splits
@@ -434,8 +409,6 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.attn_dropout = nn.Dropout(cfg.dropout)
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.record = False  # set True to keep the attention weights of the next forward
-        self.weights = None
 
     def forward(self, x):
         B, T, C = x.shape
@@ -444,13 +417,11 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        if self.flash and not self.record:  # the same math in one fused kernel
+        if self.flash:  # the same math in one fused kernel
             p = self.attn_dropout.p if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
-            y, att = attention(q, k, v, causal_mask(T, x.device), self.attn_dropout)
-            if self.record:
-                self.weights = att.detach()  # (B, n_head, T, T)
+            y, _ = attention(q, k, v, causal_mask(T, x.device), self.attn_dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, n_head, T, hd) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -510,6 +481,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """The decoder: token embeddings plus position embeddings, n_layer pre-norm blocks, a
+    final norm, and the LM head, which shares its matrix with the token embedding.
+    forward(idx (B, T), targets (B, T) or None) -> logits (B, T, vocab), loss or None."""
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg

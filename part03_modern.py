@@ -25,6 +25,9 @@ params, tokens/s, val loss and bpb. Every run prints greedy tokens/s with and wi
 KV cache (256 and 1024 new tokens) and the rolling cache's size while streaming 10x the
 context. out/part03/summary.json: part02's keys, `kv_speedup`, `kv_bench`, `stream`, and
 `ablation` (rows {name, params, tokens_per_s, val_loss, val_bpb}) with --ablate.
+
+Masks now come from positions (`attention_mask`), for the cache and the window alike:
+Replaces: causal_mask
 """
 
 import argparse
@@ -365,26 +368,6 @@ def get_batch(data, batch_size, block_size, device, generator=None):
 # ----------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------
-def count_params(n_layer, n_embd, block_size, vocab_size, learned_pos=True, bias=True,
-                 n_head=1, n_kv_head=0, mlp="gelu", norm="layernorm"):
-    """Parameters of `GPT`: the token embedding, tied to the LM head, counts once; learned
-    positions add T*C (sinusoidal and rotary ones have no parameters). Per block:
-    attention q, k, v (C*(C + 2*kv) with kv = C*n_kv_head/n_head) and proj (C*C), plus
-    biases; MLP 8C^2 (+5C) for GELU, 3*C*h (+2h + C) for SwiGLU; two norms (LayerNorm 2C,
-    C without bias; RMSNorm C). With the defaults: 12C^2 + 13C, as in part01. A final norm."""
-    C = n_embd
-    kv = C * n_kv_head // n_head if n_kv_head else C
-    attn = C * (C + 2 * kv) + C * C + ((C + 2 * kv) + C if bias else 0)
-    if mlp == "swiglu":
-        h = swiglu_hidden(C)
-        ffn = 3 * C * h + (2 * h + C if bias else 0)
-    else:
-        ffn = 8 * C * C + (5 * C if bias else 0)
-    norm_params = C if norm == "rmsnorm" or not bias else 2 * C
-    pos = block_size * C if learned_pos else 0
-    return vocab_size * C + pos + n_layer * (attn + ffn + 2 * norm_params) + norm_params
-
-
 # 1.1 Positional embeddings --------------------------------------------------------------
 def sinusoidal_table(T, C):
     """(T, C) table: PE[p, 2i] = sin(p / 10000^(2i/C)), PE[p, 2i+1] = cos(same angle).
@@ -425,13 +408,7 @@ def apply_rope(x, cos, sin):
     return out.type_as(x)
 
 
-
-# 1.3 A single attention head ------------------------------------------------------------
-def causal_mask(T, device=None):
-    """(T, T) bool, True where query i may attend to key j (j <= i)."""
-    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
-
-
+# 1.3 Scaled dot-product attention -------------------------------------------------------
 def attention(q, k, v, mask, dropout=None):
     """softmax(q k^T / sqrt(d)) v over the keys `mask` allows. q, k, v: (..., T, d)."""
     att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (..., T, d) @ (..., d, T) -> (..., T, T)
@@ -455,20 +432,6 @@ def attention_mask(q_pos, k_pos, window=0, sink=0):
     return allowed
 
 
-class Head(nn.Module):
-    """One head: project to queries, keys and values, then attend causally."""
-
-    def __init__(self, n_embd, head_dim, bias=False):
-        super().__init__()
-        self.query = nn.Linear(n_embd, head_dim, bias=bias)
-        self.key = nn.Linear(n_embd, head_dim, bias=bias)
-        self.value = nn.Linear(n_embd, head_dim, bias=bias)
-
-    def forward(self, x):  # (B, T, C) -> (B, T, head_dim)
-        q, k, v = self.query(x), self.key(x), self.value(x)  # each (B, T, head_dim)
-        return attention(q, k, v, causal_mask(x.size(1), x.device))[0]
-
-
 # 1.4 Multi-head attention ---------------------------------------------------------------
 class CausalSelfAttention(nn.Module):
     """n_head heads side by side: one matmul makes q, k, v for all heads, a reshape splits
@@ -487,8 +450,6 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.attn_dropout = nn.Dropout(cfg.dropout)
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.record = False  # set True to keep the attention weights of the next forward
-        self.weights = None
 
     def forward(self, x, pos=None, rope=None, cache=None, layer=0):
         B, T, C = x.shape
@@ -508,7 +469,7 @@ class CausalSelfAttention(nn.Module):
         if self.n_kv_head != self.n_head:  # (B, n_kv_head, L, hd) -> (B, n_head, L, hd)
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        if self.flash and not self.record:  # the same math in one fused kernel
+        if self.flash:  # the same math in one fused kernel
             p = self.attn_dropout.p if self.training else 0.0
             if self.window == 0 and k.size(2) == T:  # no cached past: plain causal
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
@@ -519,9 +480,7 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         else:
             mask = attention_mask(pos, k_pos, self.window, self.sink)
-            y, att = attention(q, k, v, mask, self.attn_dropout)
-            if self.record:
-                self.weights = att.detach()  # (B, n_head, T, L)
+            y, _ = attention(q, k, v, mask, self.attn_dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, n_head, T, hd) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -642,7 +601,6 @@ def make_norm(cfg):
     return RMSNorm(cfg.n_embd) if cfg.norm == "rmsnorm" else LayerNorm(cfg.n_embd, bias=cfg.bias)
 
 
-
 # 1.6 The block and the model -------------------------------------------------------------
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). The residual
@@ -662,6 +620,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """The decoder: token embeddings (plus learned or sinusoidal positions; RoPE rotates q and
+    k inside attention instead), n_layer pre-norm blocks, a final norm, and the LM head,
+    which shares its matrix with the token embedding. forward(idx (B, T), targets (B, T) or
+    None, cache) -> logits (B, T, vocab), loss or None; with a KVCache, idx continues the
+    positions the cache has seen."""
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg

@@ -544,10 +544,8 @@ class BPETokenizer:
         """Readable JSON: the merges in rank order and the special tokens."""
         obj = {"type": "bpe", "pattern": self.pattern, "special_tokens": list(self.special),
                "merges": [list(p) for p in self.merges]}
-        tmp = f"{path}.{os.getpid()}.tmp"  # torchrun: every rank may write it
-        with open(tmp, "w") as f:
+        with atomic_path(path) as tmp, open(tmp, "w") as f:  # torchrun: every rank may write it
             json.dump(obj, f)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path):
@@ -691,27 +689,6 @@ def get_batch(data, batch_size, block_size, device, generator=None, shard=(0, 1)
 # ----------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------
-def count_params(n_layer, n_embd, block_size, vocab_size, learned_pos=True, bias=True,
-                 n_head=1, n_kv_head=0, mlp="gelu", norm="layernorm"):
-    """Parameters of `GPT`: the token embedding (vocabulary padded to a multiple of 64),
-    tied to the LM head, counts once; learned
-    positions add T*C (sinusoidal and rotary ones have no parameters). Per block:
-    attention q, k, v (C*(C + 2*kv) with kv = C*n_kv_head/n_head) and proj (C*C), plus
-    biases; MLP 8C^2 (+5C) for GELU, 3*C*h (+2h + C) for SwiGLU; two norms (LayerNorm 2C,
-    C without bias; RMSNorm C). With the defaults: 12C^2 + 13C, as in part01. A final norm."""
-    C = n_embd
-    kv = C * n_kv_head // n_head if n_kv_head else C
-    attn = C * (C + 2 * kv) + C * C + ((C + 2 * kv) + C if bias else 0)
-    if mlp == "swiglu":
-        h = swiglu_hidden(C)
-        ffn = 3 * C * h + (2 * h + C if bias else 0)
-    else:
-        ffn = 8 * C * C + (5 * C if bias else 0)
-    norm_params = C if norm == "rmsnorm" or not bias else 2 * C
-    pos = block_size * C if learned_pos else 0
-    return padded_vocab(vocab_size) * C + pos + n_layer * (attn + ffn + 2 * norm_params) + norm_params
-
-
 def padded_vocab(vocab_size):
     """Round the vocabulary up to a multiple of 64: the LM-head matmul then tiles evenly on
     GPUs (nanoGPT's 50257 -> 50304 is worth ~25%). The extra ids are never targets."""
@@ -758,13 +735,7 @@ def apply_rope(x, cos, sin):
     return out.type_as(x)
 
 
-
-# 1.3 A single attention head ------------------------------------------------------------
-def causal_mask(T, device=None):
-    """(T, T) bool, True where query i may attend to key j (j <= i)."""
-    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
-
-
+# 1.3 Scaled dot-product attention -------------------------------------------------------
 def attention(q, k, v, mask, dropout=None):
     """softmax(q k^T / sqrt(d)) v over the keys `mask` allows. q, k, v: (..., T, d)."""
     att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (..., T, d) @ (..., d, T) -> (..., T, T)
@@ -788,20 +759,6 @@ def attention_mask(q_pos, k_pos, window=0, sink=0):
     return allowed
 
 
-class Head(nn.Module):
-    """One head: project to queries, keys and values, then attend causally."""
-
-    def __init__(self, n_embd, head_dim, bias=False):
-        super().__init__()
-        self.query = nn.Linear(n_embd, head_dim, bias=bias)
-        self.key = nn.Linear(n_embd, head_dim, bias=bias)
-        self.value = nn.Linear(n_embd, head_dim, bias=bias)
-
-    def forward(self, x):  # (B, T, C) -> (B, T, head_dim)
-        q, k, v = self.query(x), self.key(x), self.value(x)  # each (B, T, head_dim)
-        return attention(q, k, v, causal_mask(x.size(1), x.device))[0]
-
-
 # 1.4 Multi-head attention ---------------------------------------------------------------
 class CausalSelfAttention(nn.Module):
     """n_head heads side by side: one matmul makes q, k, v for all heads, a reshape splits
@@ -820,8 +777,6 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.attn_dropout = nn.Dropout(cfg.dropout)
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.record = False  # set True to keep the attention weights of the next forward
-        self.weights = None
 
     def forward(self, x, pos=None, rope=None, cache=None, layer=0):
         B, T, C = x.shape
@@ -841,7 +796,7 @@ class CausalSelfAttention(nn.Module):
         if self.n_kv_head != self.n_head:  # (B, n_kv_head, L, hd) -> (B, n_head, L, hd)
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        if self.flash and not self.record:  # the same math in one fused kernel
+        if self.flash:  # the same math in one fused kernel
             p = self.attn_dropout.p if self.training else 0.0
             if self.window == 0 and k.size(2) == T:  # no cached past: plain causal
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
@@ -852,9 +807,7 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         else:
             mask = attention_mask(pos, k_pos, self.window, self.sink)
-            y, att = attention(q, k, v, mask, self.attn_dropout)
-            if self.record:
-                self.weights = att.detach()  # (B, n_head, T, L)
+            y, _ = attention(q, k, v, mask, self.attn_dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, n_head, T, hd) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -893,9 +846,6 @@ class KVCache:
         keep = (pos < self.sink) | (pos > pos[-1] + 1 - self.window)  # what the next query can see
         self.k[layer], self.v[layer], self.pos[layer] = k[:, :, keep], v[:, :, keep], pos[keep]
         return k, v, pos
-
-    def nbytes(self):
-        return sum(t.nelement() * t.element_size() for t in self.k + self.v if t is not None)
 
 
 # 1.5 MLP, GELU, LayerNorm ---------------------------------------------------------------
@@ -973,7 +923,6 @@ class RMSNorm(nn.Module):
 
 def make_norm(cfg):
     return RMSNorm(cfg.n_embd) if cfg.norm == "rmsnorm" else LayerNorm(cfg.n_embd, bias=cfg.bias)
-
 
 
 # 5.1 / 5.2 Mixture of Experts ---------------------------------------------------------------
@@ -1119,6 +1068,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """The decoder: token embeddings (plus learned or sinusoidal positions; RoPE rotates q and
+    k inside attention instead), n_layer pre-norm blocks, a final norm, and the LM head,
+    which shares its matrix with the token embedding. forward(idx (B, T), targets (B, T) or
+    None, cache) -> logits (B, T, vocab), loss or None; with a KVCache, idx continues the
+    positions the cache has seen."""
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -1858,7 +1813,6 @@ def compare(cfg, device, dtype, train_data, val_data, bytes_per_token):
     return rows
 
 
-
 # ----------------------------------------------------------------------------------------
 # 4.6 Hugging Face interop: the Llama / Mixtral format
 # ----------------------------------------------------------------------------------------
@@ -1892,12 +1846,10 @@ def save_safetensors(path, tensors):
         offset += size
     head = json.dumps(header).encode()
     head += b" " * (-len(head) % 8)  # spaces: the data starts 8-byte aligned
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(len(head).to_bytes(8, "little") + head)
         for t in tensors.values():  # memory order is the file's order on x86 and ARM (little-endian)
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-    os.replace(tmp, path)
 
 
 def load_safetensors(path):

@@ -3,9 +3,10 @@
   python bench/milestones.py --data ../shared/data/tinyshakespeare.txt            # parts 01-05
   python bench/milestones.py --data ... --parts 02 03 --ablate                    # + part03's table
 
-Each part runs in its own process (as a user would run it) with --out_dir under
-out/bench/; the figures come from the summary.json each part writes. The table is printed
-and written to out/bench/milestones.json. Timings depend on the machine: say which.
+Each part runs its milestone in its own process (as a user would run it: default flags,
+plus MILESTONE_FLAGS where the milestone is a mode, as part05's --compare) with --out_dir
+under out/bench/; the figures come from the summary.json each part writes. The table is
+printed and written to out/bench/milestones.json. Timings depend on the machine: say which.
 """
 import argparse
 import json
@@ -23,8 +24,9 @@ FIGURES = {  # part -> the summary keys that make its milestone
     "02": ["val_loss", "val_bpb", "tokens_per_s", "steps", "wall_s"],
     "03": ["val_loss", "val_bpb", "tokens_per_s", "steps", "kv_speedup", "wall_s"],
     "04": ["val_loss", "val_bpb", "bytes_per_token", "tokens_per_s", "steps", "wall_s"],
-    "05": ["val_loss", "val_bpb", "bytes_per_token", "tokens_per_s", "steps", "wall_s"],
+    "05": ["wall_s"],  # and the dense-vs-MoE rows of `compare`
 }
+MILESTONE_FLAGS = {"05": ["--compare", "--tokenizer", "byte"]}
 
 
 def run_part(part, extra, out_root):
@@ -61,7 +63,7 @@ def main():
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "python": platform.python_version(), "parts": {}}
     for part in args.parts:
-        extra = data if int(part) >= 2 else []
+        extra = (data if int(part) >= 2 else []) + MILESTONE_FLAGS.get(part, [])
         results["parts"][part] = run_part(part, extra, out_root)
     if args.ablate:
         results["parts"]["03-ablate"] = run_part("03", data + ["--ablate"], out_root)
@@ -71,6 +73,10 @@ def main():
         for key in FIGURES.get(part[:2], []) + ["process_s"]:
             if key in s and not (part.endswith("ablate") and key not in ("kv_speedup", "process_s")):
                 print(f"{part:<10} {key:<14} {fmt(s[key])}")
+        for model, row in s.get("compare", {}).items():
+            print(f"{part:<10} {model:<20} params {row['total_params']:,} ({row['active_params']:,} active)"
+                  f"  {row['tokens_per_s']:,.0f} tok/s  val {row['val_loss']:.4f} nats/token"
+                  f" = {row['val_bpb']:.3f} bpb")
         for row in s.get("ablation", []):
             print(f"{part:<10} {row['name']:<20} params {row['params']:,}  {row['tokens_per_s']:,.0f} tok/s"
                   f"  val {row['val_loss']:.4f} nats/byte = {row['val_bpb']:.3f} bpb")
