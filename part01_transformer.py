@@ -27,6 +27,7 @@ Part00's measurement harness stays behind; its utilities carry on:
 Replaces: print_pipeline, estimate_compute, sdpa_backends, check_compile, environment_report
 Replaces: time_op, measure_matmul, measure_bandwidth, mixed_precision_demo, profile_step
 Replaces: fmt_seconds
+Replaces: params, tokens, mfu, batch_size, bench_seconds, compile_check, profile
 """
 
 import argparse

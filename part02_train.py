@@ -26,6 +26,7 @@ Milestone: validation loss <= 1.90 nats/byte on Tiny Shakespeare within 3 minute
 Part01's memorization demo stays behind, and so do the single head and the parameter
 formula it taught (multi-head attention and num_params() carry on):
 Replaces: explain_attention, attention_picture, Head, count_params
+Replaces: text, target_loss, explain
 """
 
 import argparse

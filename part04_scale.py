@@ -34,7 +34,7 @@ GPU recipe in the README. out/part04/summary.json: part02's keys plus `mfu`, `to
 `bytes_per_token`.
 
 Part03's benchmark harness stays behind (its ideas, the caches and masks, carry on):
-Replaces: ablate, generation_benchmarks, kv_benchmark, streaming_demo, KVCache.nbytes
+Replaces: ablate, ablate_seconds, generation_benchmarks, kv_benchmark, streaming_demo, KVCache.nbytes
 """
 
 import argparse

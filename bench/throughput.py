@@ -49,13 +49,15 @@ def measure(cfg, device, dtype, batch, steps, warmup, compile_model, part=p4, pr
     torch.manual_seed(0)
     model = part.GPT(dataclasses.replace(cfg, batch_size=batch)).to(device)
     opt = part.configure_optimizer(model, cfg, device)
-    run = getattr(part, "compile_moe", torch.compile)(model) if compile_model else model
+    run = getattr(part, "compile_model", torch.compile)(model) if compile_model else model
     x = torch.randint(cfg.vocab_size, (batch, cfg.block_size), device=device)
     y = torch.randint(cfg.vocab_size, (batch, cfg.block_size), device=device)
 
     def step():
         with part.autocast_ctx(device, dtype):
             _, loss = run(x, y)
+            if hasattr(model, "router_loss"):  # part05: the routers' balancing losses
+                loss = loss + model.router_loss()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

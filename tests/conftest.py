@@ -1,4 +1,6 @@
-"""Shared test helpers: import part files by name, run their main() in a temp folder."""
+"""Shared test helpers: import part files by name, build tiny models of a given lesson,
+run main() in a temp folder."""
+import dataclasses
 import importlib
 import json
 import os
@@ -23,9 +25,10 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(2)
 
 
-def part_names(first=0):
-    """Module names of every part numbered `first` or later (for inherited ideas)."""
-    return [p.stem for p in PART_FILES if int(p.stem[4:6]) >= first]
+def part_names(first=0, last=99):
+    """Module names of the parts numbered first..last: every part from `first` on, for an
+    inherited idea; `last` where a later part replaces the idea (its docstring's Replaces:)."""
+    return [p.stem for p in PART_FILES if first <= int(p.stem[4:6]) <= last]
 
 
 def load(name):
@@ -37,6 +40,63 @@ def load(name):
     return importlib.import_module(name)
 
 
+def part_number(mod):
+    """2 for part02_train (a module or its name)."""
+    return int(getattr(mod, "__name__", mod)[4:6])
+
+
+def config_fields(mod):
+    """The names of mod.Config's fields."""
+    return {f.name for f in dataclasses.fields(mod.Config)}
+
+
+# Tiny models of a given lesson --------------------------------------------------------------
+# What a part switched on by default, and the Config values that switch it off again. A test
+# of lesson N runs on every part after N: there these values give lesson N's model (part03
+# made the modern stack the default, part04 BPE, part05 Mixture-of-Experts).
+SWITCHED_ON = {
+    3: dict(pos="learned", bias=True, norm="layernorm", mlp="gelu"),
+    4: dict(tokenizer="byte"),
+    5: dict(n_experts=0),
+}
+# The tiny CPU shape every test starts from (each field where the part's Config has it).
+TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=64, dropout=0.0,
+            flash=True, device="cpu", dtype="float32", seed=0, batch_size=4, eval_iters=2)
+
+
+def lesson_fields(mod, lesson):
+    """Config values that make `mod` (a part after `lesson`) build lesson `lesson`'s model:
+    what the parts in between switched on, switched off. {} for the lesson's own part."""
+    out = {}
+    for part, values in SWITCHED_ON.items():
+        if lesson < part <= part_number(mod):
+            out.update(values)
+    return out
+
+
+def tiny_cfg(mod, lesson=None, **kw):
+    """mod.Config with the TINY shape, the model of `lesson` (lesson_fields; None: the part's
+    own defaults), then kw (each kw must be a field of mod.Config)."""
+    fields = config_fields(mod)
+    base = {k: v for k, v in TINY.items() if k in fields}
+    base.update(lesson_fields(mod, part_number(mod) if lesson is None else lesson))
+    base.update(kw)
+    return mod.Config(**base)
+
+
+def tiny_gpt(mod, lesson=None, seed=0, perturb=True, **kw):
+    """GPT(tiny_cfg(mod, lesson, **kw)) in eval mode, initialized after manual_seed(seed);
+    perturb: noise on every weight (perturb_), so logits and routing are far from uniform."""
+    torch.manual_seed(seed)
+    model = mod.GPT(tiny_cfg(mod, lesson, **kw))
+    return (perturb_(model, seed) if perturb else model).eval()
+
+
+def tokens(shape, seed=1, vocab=64):
+    """Random token ids of `shape` from a fixed seed."""
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
 @pytest.fixture
 def shakespeare():
     assert SHAKESPEARE.exists(), f"test data missing: {SHAKESPEARE}"
@@ -44,6 +104,7 @@ def shakespeare():
 
 
 def read_summary(out_dir):
+    """out_dir/summary.json, the figures a run's main() wrote."""
     return json.loads((Path(out_dir) / "summary.json").read_text())
 
 
@@ -144,6 +205,11 @@ def small_corpus(tmp_path, shakespeare, n=40_000):
     return write(tmp_path / "corpus.txt", Path(shakespeare).read_text(encoding="utf-8")[:n])
 
 
+def as_flags(values):
+    """{"n_layer": 2, ...} -> ["--n_layer", "2", ...]"""
+    return [a for k, v in values.items() for a in (f"--{k}", str(v))]
+
+
 def flags(**kw):
     """main() flags: a tiny CPU float32 run with a 300-token BPE (kw overrides any of it)."""
     base = dict(device="cpu", dtype="float32", seed=0, tokenizer="bpe", vocab_size=300,
@@ -151,7 +217,7 @@ def flags(**kw):
                 eval_interval=3, eval_iters=2, log_interval=1, warmup_steps=2,
                 num_samples=1, max_new_tokens=8)
     base.update(kw)
-    return [a for k, v in base.items() for a in (f"--{k}", str(v))]
+    return as_flags(base)
 
 
 def run_flags(tmp_path, data, out="out", **kw):
@@ -159,6 +225,7 @@ def run_flags(tmp_path, data, out="out", **kw):
 
 
 def read_metrics(out_dir):
+    """The rows of out_dir/metrics.jsonl."""
     return [json.loads(s) for s in Path(out_dir, "metrics.jsonl").read_text().splitlines()]
 
 

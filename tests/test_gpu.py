@@ -2,12 +2,12 @@
 through SDPA, the KV cache, F.grouped_mm, fp16 with GradScaler, and each part's main() on
 the GPU. Skipped where no CUDA GPU is present (CI has none); on a GPU machine:
 python -m pytest -q tests/test_gpu.py"""
-import dataclasses
 
 import pytest
 import torch
 
-from conftest import load, part_names, perturb_, read_summary, small_corpus, train_losses
+from conftest import (config_fields, load, part_names, part_number, perturb_, read_summary, small_corpus,
+                      tiny_cfg, train_losses)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -24,18 +24,17 @@ def exact_float32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def tiny_cfg(mod, **kw):
-    base = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=256, dropout=0.0)
-    names = {f.name for f in dataclasses.fields(mod.Config)}
-    if "n_experts" in names:  # small experts whose rows suit the grouped matmul (16-byte multiples)
-        base.update(n_experts=4, moe_top_k=2)
-    base.update(kw)
-    return mod.Config(**{k: v for k, v in base.items() if k in names})
+def gpu_cfg(mod, **kw):
+    """conftest's tiny model of the part (MoE included) at 64 wide, 64 tokens of context,
+    byte-sized vocabulary; the part's own defaults otherwise."""
+    experts = dict(n_experts=4, moe_top_k=2)  # small experts whose rows suit the grouped matmul
+    experts = {k: v for k, v in experts.items() if k in config_fields(mod)}
+    return tiny_cfg(mod, None, **{"n_embd": 64, "block_size": 64, "vocab_size": 256, **experts, **kw})
 
 
 def main_args(mod, tmp_path, data, **kw):
     """main() flags for a short GPU run, keeping those the part has."""
-    names = {f.name for f in dataclasses.fields(mod.Config)}
+    names = config_fields(mod)
     base = dict(data=data, data_dir=tmp_path / "data", out_dir=tmp_path / "out", seed=0,
                 tokenizer="bpe", vocab_size=300, n_layer=2, n_embd=64, n_head=4, block_size=64,
                 batch_size=16, max_steps=60, eval_interval=30, eval_iters=4, log_interval=10,
@@ -78,7 +77,7 @@ def loss_and_grads(mod, model, x, y, dtype, run=None):
 @pytest.mark.parametrize("name", TRAINED)
 def test_cuda_float32_matches_cpu(name):
     mod = load(name)
-    cfg = tiny_cfg(mod)
+    cfg = gpu_cfg(mod)
     torch.manual_seed(0)
     cpu = mod.GPT(cfg)
     gpu = mod.GPT(cfg).to(DEV)
@@ -94,7 +93,7 @@ def test_cuda_float32_matches_cpu(name):
 @pytest.mark.parametrize("name", TRAINED)
 def test_bf16_autocast_is_close_to_float32(name):
     mod = load(name)
-    cfg = tiny_cfg(mod)
+    cfg = gpu_cfg(mod)
     torch.manual_seed(0)
     model = mod.GPT(cfg).to(DEV)
     x, y = batch(cfg)
@@ -110,11 +109,11 @@ def test_flash_attention_matches_written_out(name):
     the causal mask, a sliding window with a sink, and grouped-query heads where the part has them."""
     mod = load(name)
     variants = [{}]
-    if "window" in {f.name for f in dataclasses.fields(mod.Config)}:
+    if "window" in config_fields(mod):
         variants += [dict(window=16, sink=2, pos="rope"), dict(n_kv_head=2, pos="rope")]
     for kw in variants:
         torch.manual_seed(0)
-        model = mod.GPT(tiny_cfg(mod, **kw)).to(DEV)
+        model = mod.GPT(gpu_cfg(mod, **kw)).to(DEV)
         x, y = batch(model.cfg)
         for dtype in (torch.float32, torch.bfloat16):
             with mod.autocast_ctx(DEV, dtype):
@@ -132,11 +131,11 @@ def test_flash_attention_matches_written_out(name):
 @pytest.mark.parametrize("name", part_names(4))
 def test_compiled_model_matches_eager(name):
     mod = load(name)
-    cfg = tiny_cfg(mod)
+    cfg = gpu_cfg(mod)
     torch.manual_seed(0)
     model = mod.GPT(cfg).to(DEV)
     x, y = batch(cfg)
-    compiled = getattr(mod, "compile_moe", torch.compile)(model)
+    compiled = (mod.compile_model if part_number(mod) >= 5 else torch.compile)(model)  # part05: the MoE's own
     l_eager, g_eager = loss_and_grads(mod, model, x, y, torch.bfloat16)
     l_comp, g_comp = loss_and_grads(mod, model, x, y, torch.bfloat16, run=compiled)
     assert abs(l_comp.item() - l_eager.item()) < 1e-2 * l_eager.item()
@@ -148,7 +147,7 @@ def test_fused_adamw_steps_like_the_plain_one(name):
     """configure_optimizer picks fused AdamW on CUDA; fed the same gradients, its steps equal
     those of the multi-tensor (foreach) implementation."""
     mod = load(name)
-    cfg = tiny_cfg(mod)
+    cfg = gpu_cfg(mod)
     torch.manual_seed(0)
     fused_model = mod.GPT(cfg).to(DEV)
     plain_model = mod.GPT(cfg).to(DEV)
@@ -175,7 +174,7 @@ def test_kv_cache_decoding_matches_full_forward_on_cuda(name):
     mod = load(name)
     for kw in (dict(), dict(window=8, sink=2), dict(n_kv_head=2)):
         torch.manual_seed(0)  # perturbed: next-token distributions far from uniform, so ties are rare
-        model = perturb_(mod.GPT(tiny_cfg(mod, pos="rope", **kw)), 0).to(DEV).eval()
+        model = perturb_(mod.GPT(gpu_cfg(mod, pos="rope", **kw)), 0).to(DEV).eval()
         x, _ = batch(model.cfg, B=2)
         x = x[:, :40]
         with torch.no_grad():
@@ -193,7 +192,7 @@ def test_kv_cache_decoding_matches_full_forward_on_cuda(name):
 def test_grouped_mm_matches_expert_loop_on_cuda():
     mod = load("part05")
     torch.manual_seed(0)
-    model = mod.GPT(tiny_cfg(mod, n_experts=8, moe_top_k=2)).to(DEV)
+    model = mod.GPT(gpu_cfg(mod, n_experts=8, moe_top_k=2)).to(DEV)
     moe = model.moe_layers()[0]
     xs = torch.randn(4, 64, model.cfg.n_embd, device=DEV)
     with mod.autocast_ctx(DEV, torch.bfloat16):

@@ -1,5 +1,6 @@
 """The shape of the curriculum: every part runs --help, imports nothing outside the list,
-and keeps every top-level name of the part before it unless it says `Replaces:`."""
+and keeps every top-level name, Config field and class method (`Class.method`) of the part
+before it unless its docstring lists the name under `Replaces:`."""
 import ast
 import dataclasses
 import re
@@ -8,25 +9,54 @@ import sys
 
 import pytest
 
-from conftest import PART_FILES, ROOT, load
+from conftest import PART_FILES, ROOT, load, part_names, part_number, tiny_gpt
 
 ALLOWED = {"torch", "numpy", "regex", "requests"}
 OPTIONAL = {"matplotlib", "tensorboard"}  # requirements-extra.txt: only inside try/except ImportError
 PART_RE = re.compile(r"^part\d\d_")
 
 
+FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
+
+
 def top_level_names(tree):
-    return {n.name for n in tree.body
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    return {n.name for n in tree.body if isinstance(n, (*FUNCTIONS, ast.ClassDef))}
+
+
+def config_fields(tree):
+    """The fields of the module's `Config` dataclass: its annotated names."""
+    (config,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config"]
+    return {n.target.id for n in config.body
+            if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+
+
+def methods(tree):
+    """'Class.method' for every function defined in the body of a top-level class
+    (properties, static and class methods included)."""
+    return {f"{c.name}.{n.name}" for c in tree.body if isinstance(c, ast.ClassDef)
+            for n in c.body if isinstance(n, FUNCTIONS)}
 
 
 def replaced(doc):
+    """The names listed after `Replaces:` (lines of comma or space separated names): top-level
+    names, Config fields, `Class.method`."""
     names = set()
     for line in (doc or "").splitlines():
         m = re.match(r"\s*Replaces:\s*(.*)", line)
         if m:
             names.update(n for n in re.split(r"[,\s]+", m.group(1)) if n)
     return names
+
+
+def dropped(prev_source, next_source):
+    """What the later part drops without listing it under Replaces: {kind: sorted names}.
+    The methods of a dropped class go with it (the class is the name to list)."""
+    a, b = ast.parse(prev_source), ast.parse(next_source)
+    allowed, kept = replaced(ast.get_docstring(b)), top_level_names(b)
+    out = {"name": top_level_names(a) - kept - allowed,
+           "Config field": config_fields(a) - config_fields(b) - allowed,
+           "method": {m for m in methods(a) - methods(b) - allowed if m.split(".")[0] in kept}}
+    return {kind: sorted(names) for kind, names in out.items() if names}
 
 
 def test_parts_exist():
@@ -69,10 +99,42 @@ def test_imports_only_allowed(path):
 
 @pytest.mark.parametrize("prev,nxt", list(zip(PART_FILES, PART_FILES[1:])),
                          ids=lambda p: p.stem[:6])
-def test_names_carry_forward(prev, nxt):
-    a, b = ast.parse(prev.read_text()), ast.parse(nxt.read_text())
-    missing = top_level_names(a) - top_level_names(b) - replaced(ast.get_docstring(b))
-    assert not missing, f"{nxt.name} drops {sorted(missing)} without 'Replaces:'"
+def test_names_fields_and_methods_carry_forward(prev, nxt):
+    missing = dropped(prev.read_text(), nxt.read_text())
+    assert not missing, f"{nxt.name} drops {missing} without listing them under 'Replaces:'"
+
+
+PREV = '''"""Part A."""
+class Config:
+    n_layer: int = 2
+    grad_accum: int = 1
+    label = "not a field"
+class GPT:
+    def forward(self): pass
+    def new_cache(self): pass
+    @property
+    def streams(self): pass
+class Head:
+    def forward(self): pass
+def train(): pass
+'''
+
+
+@pytest.mark.parametrize("change,kind,name", [
+    (("    grad_accum: int = 1\n", ""), "Config field", "grad_accum"),
+    (("    def new_cache(self): pass\n", ""), "method", "GPT.new_cache"),
+    (("    @property\n    def streams(self): pass\n", ""), "method", "GPT.streams"),
+    (("def train(): pass\n", ""), "name", "train"),
+    (("class Head:\n    def forward(self): pass\n", ""), "name", "Head")])
+def test_a_silent_drop_is_caught_and_replaces_allows_it(change, kind, name):
+    """The check itself, on a two-class toy part: each drop is reported, and the same drop
+    listed under Replaces: (by itself or beside other names) is allowed."""
+    nxt = PREV.replace(*change)
+    assert nxt != PREV
+    assert dropped(PREV, PREV) == {}
+    assert dropped(PREV, nxt) == {kind: [name]}
+    for line in (f"Replaces: {name}", f"Replaces: other, {name}  more", f"Replaces:\n  x\nReplaces: {name}"):
+        assert dropped(PREV, nxt.replace('"""Part A."""', f'"""Part B.\n\n{line}\n"""')) == {}
 
 
 @pytest.mark.parametrize("path", PART_FILES, ids=lambda p: p.stem)
@@ -80,3 +142,17 @@ def test_common_names(path):
     mod = load(path.stem)
     for name in ("Config", "main", "parse_args", "die", "pick_device", "pick_dtype", "set_seed"):
         assert hasattr(mod, name), f"{path.name} lacks {name}"
+
+
+@pytest.mark.parametrize("lesson", [part_number(n) for n in part_names(1)][:-1])
+def test_a_lesson_builds_its_own_model_on_every_later_part(lesson):
+    """conftest.tiny_gpt(mod, lesson) on a later part has the parameters of the lesson's own
+    tiny model, name for name and shape for shape: what later parts switched on by default
+    (the modern stack, experts) is switched off by conftest.SWITCHED_ON, so an early
+    lesson's test checks its own idea on every later part."""
+    def shapes(model):
+        return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+    own = shapes(tiny_gpt(load(part_names(lesson)[0]), lesson))
+    for name in part_names(lesson + 1):
+        assert shapes(tiny_gpt(load(name), lesson)) == own, name

@@ -1,47 +1,27 @@
 """Part 01: the Transformer written out. Causality, attention against torch's own
-implementations, LayerNorm and GELU against torch, the NumPy walk-through against `Head`,
-gradients reaching every parameter, the parameter formula, sinusoidal positions, and the
-milestone: the GPT memorizes a paragraph and recites it greedily."""
-import dataclasses
-
+implementations, the attention weights as causal distributions, LayerNorm and GELU against
+torch, the NumPy walk-through against `Head`, gradients reaching every parameter, the
+parameter formula, sinusoidal positions, and the milestone: the GPT memorizes a paragraph and
+recites it greedily. Part02 replaces `Head`, `count_params`, the recorded weights and the
+attention picture: their tests run on part01 alone, the ideas behind them on every part."""
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import load, part_names, randomize_, read_summary
+from conftest import load, part_names, part_number, randomize_, read_summary, tiny_cfg, tiny_gpt
 
 ALL = part_names(1)
+PART01 = part_names(1, last=1)  # Head, count_params, recorded weights: part02 replaces them
+LESSON = 1  # every part builds part01's model: learned positions, LayerNorm, GELU, biases
 
 
-# Part01's architecture, for later parts whose Config can change it (part03 made RMSNorm,
-# SwiGLU, GQA and sliding windows flags, with the modern stack as the default).
-PART01_ARCH = dict(norm="layernorm", mlp="gelu", n_kv_head=0, window=0, sink=0, n_experts=0)
-
-
-def tiny_cfg(mod, **kw):
-    """A small model with part01's architecture: the fields the tests rely on are set, and
-    where a later part's Config has architecture flags, they are set to part01's choices;
-    other newer fields keep their defaults."""
-    fields = {f.name for f in dataclasses.fields(mod.Config)}
-    base = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=64, dropout=0.0,
-                bias=True, pos="learned", flash=True)
-    base.update({k: v for k, v in PART01_ARCH.items() if k in fields})
-    base.update(kw)
-    return mod.Config(**base)
-
-
-def tiny_gpt(mod, seed=0, **kw):
-    torch.manual_seed(seed)
-    return mod.GPT(tiny_cfg(mod, **kw)).eval()
-
-
-def need(mod, name):
-    obj = getattr(mod, name, None)
-    if obj is None:
-        pytest.skip(f"{mod.__name__} has no {name}")
-    return obj
+def causal_mask(mod, T):
+    """The part's own (T, T) causal mask: causal_mask until part03 made masks from positions."""
+    if part_number(mod) >= 3:
+        return mod.attention_mask(torch.arange(T), torch.arange(T))
+    return mod.causal_mask(T)
 
 
 # ---------------------------------------------------------------------------------------
@@ -52,7 +32,7 @@ def need(mod, name):
 @pytest.mark.parametrize("pos", ["learned", "sinusoidal"])
 def test_future_tokens_never_change_earlier_logits(name, flash, pos):
     mod = load(name)
-    model = tiny_gpt(mod, flash=flash, pos=pos)
+    model = tiny_gpt(mod, LESSON, flash=flash, pos=pos)
     randomize_(model)
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, 64, (2, 16), generator=g)
@@ -73,7 +53,7 @@ def test_future_tokens_never_change_earlier_logits(name, flash, pos):
 def test_no_gradient_flows_from_the_future(name, flash):
     """d out[t] / d x[s] is zero for every s > t: a stronger check than one perturbation."""
     mod = load(name)
-    cfg = tiny_cfg(mod, flash=flash)
+    cfg = tiny_cfg(mod, LESSON, flash=flash)
     torch.manual_seed(0)
     attn = randomize_(mod.CausalSelfAttention(cfg)).eval()
     x = torch.randn(1, 8, cfg.n_embd, requires_grad=True)
@@ -91,7 +71,7 @@ def test_no_gradient_flows_from_the_future(name, flash):
 @pytest.mark.parametrize("flash", [True, False])
 def test_multihead_attention_matches_sdpa(name, flash):
     mod = load(name)
-    cfg = tiny_cfg(mod, flash=flash)
+    cfg = tiny_cfg(mod, LESSON, flash=flash)
     torch.manual_seed(0)
     attn = randomize_(mod.CausalSelfAttention(cfg)).eval()
     B, T, C, H = 2, 10, cfg.n_embd, cfg.n_head
@@ -110,7 +90,7 @@ def test_multihead_attention_matches_sdpa(name, flash):
 @pytest.mark.parametrize("bias", [True, False])
 def test_multihead_attention_matches_nn_multiheadattention(name, flash, bias):
     mod = load(name)
-    cfg = tiny_cfg(mod, flash=flash, bias=bias)
+    cfg = tiny_cfg(mod, LESSON, flash=flash, bias=bias)
     torch.manual_seed(0)
     attn = randomize_(mod.CausalSelfAttention(cfg)).eval()
     ref = nn.MultiheadAttention(cfg.n_embd, cfg.n_head, bias=bias, batch_first=True).eval()
@@ -129,13 +109,12 @@ def test_multihead_attention_matches_nn_multiheadattention(name, flash, bias):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", PART01)
 @pytest.mark.parametrize("bias", [False, True])
 def test_single_head_matches_sdpa(name, bias):
     mod = load(name)
-    Head = need(mod, "Head")
     torch.manual_seed(0)
-    head = randomize_(Head(16, 8, bias=bias))
+    head = randomize_(mod.Head(16, 8, bias=bias))
     x = torch.randn(2, 9, 16)
     with torch.no_grad():
         q, k, v = head.query(x), head.key(x), head.value(x)
@@ -149,9 +128,9 @@ def test_single_head_matches_sdpa(name, bias):
 @pytest.mark.parametrize("pos", ["learned", "sinusoidal"])
 def test_explicit_path_equals_flash_path(name, pos):
     mod = load(name)
-    fast = tiny_gpt(mod, flash=True, pos=pos)
+    fast = tiny_gpt(mod, LESSON, flash=True, pos=pos)
     randomize_(fast)
-    slow = tiny_gpt(mod, flash=False, pos=pos)
+    slow = tiny_gpt(mod, LESSON, flash=False, pos=pos)
     slow.load_state_dict(fast.state_dict())
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -162,9 +141,31 @@ def test_explicit_path_equals_flash_path(name, pos):
 
 
 @pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("T", [1, 11])
+def test_attention_weights_are_causal_distributions(name, T):
+    """attention(q, k, v, mask) under the part's causal mask: each query's weights are a
+    distribution over itself and the keys before it, and the output is their average of v."""
+    mod = load(name)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, T, 8, generator=g) * 2 for _ in range(3))
+    mask = causal_mask(mod, T)
+    assert torch.equal(mask, torch.ones(T, T, dtype=torch.bool).tril())
+    y, w = mod.attention(q, k, v, mask)
+    assert w.shape == (2, 4, T, T) and y.shape == (2, 4, T, 8)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, T), atol=1e-5, rtol=0)
+    assert torch.all(w[..., ~mask] == 0)
+    assert torch.all(w[..., mask] > 0)  # every allowed key gets some weight
+    torch.testing.assert_close(y, w @ v)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    # the first query sees only itself: its output is its own value
+    torch.testing.assert_close(y[..., 0, :], v[..., 0, :], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", PART01)
 def test_recorded_attention_weights_are_causal_distributions(name):
     mod = load(name)
-    model = tiny_gpt(mod, flash=True)
+    model = tiny_gpt(mod, LESSON, flash=True)
     randomize_(model)
     idx = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -182,14 +183,13 @@ def test_recorded_attention_weights_are_causal_distributions(name):
     torch.testing.assert_close(recorded, plain, atol=1e-5, rtol=1e-5)  # recording changes nothing
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", PART01)
 def test_attention_picture_returns_the_recorded_head(name, capsys):
     mod = load(name)
-    picture = need(mod, "attention_picture")
-    model = tiny_gpt(mod)
+    model = tiny_gpt(mod, LESSON)
     randomize_(model)
     ids = torch.randint(32, 127, (14,), generator=torch.Generator().manual_seed(4)) % 64
-    w = picture(model, ids, layer=1, head=2, n=10)
+    w = mod.attention_picture(model, ids, layer=1, head=2, n=10)
     assert w.shape == (10, 10)
     torch.testing.assert_close(w.sum(-1), torch.ones(10), atol=1e-5, rtol=0)
     assert torch.all(w.triu(1) == 0)
@@ -205,8 +205,7 @@ def test_attention_picture_returns_the_recorded_head(name, capsys):
 @pytest.mark.parametrize("bias", [True, False])
 def test_layernorm_matches_torch(name, bias):
     mod = load(name)
-    LayerNorm = need(mod, "LayerNorm")
-    ours = randomize_(LayerNorm(24, bias=bias))
+    ours = randomize_(mod.LayerNorm(24, bias=bias))
     ref = nn.LayerNorm(24, eps=1e-5, bias=bias)
     ref.load_state_dict(ours.state_dict())
     assert sum(p.numel() for p in ours.parameters()) == (48 if bias else 24)
@@ -222,17 +221,16 @@ def test_layernorm_matches_torch(name, bias):
 @pytest.mark.parametrize("name", ALL)
 def test_gelu_is_the_exact_erf_gelu(name):
     mod = load(name)
-    gelu = need(mod, "gelu")
     x = torch.cat([torch.linspace(-8, 8, 2001), torch.randn(1000) * 3])
-    torch.testing.assert_close(gelu(x), F.gelu(x), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(mod.gelu(x), F.gelu(x), atol=1e-6, rtol=1e-6)
     # the tanh approximation differs by more than that: the check tells the two apart
     assert (F.gelu(x, approximate="tanh") - F.gelu(x)).abs().max() > 1e-5
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", PART01)
 def test_numpy_walkthrough_equals_head(name, capsys):
     mod = load(name)
-    explain, Head = need(mod, "explain_attention"), need(mod, "Head")
+    explain, Head = mod.explain_attention, mod.Head
     rng = np.random.default_rng(5)
     T, C, hd = 5, 8, 4
     x = rng.standard_normal((T, C))
@@ -260,7 +258,7 @@ def test_numpy_walkthrough_equals_head(name, capsys):
 @pytest.mark.parametrize("pos", ["learned", "sinusoidal"])
 def test_every_parameter_gets_a_gradient(name, pos):
     mod = load(name)
-    model = tiny_gpt(mod, pos=pos, n_layer=2).train()
+    model = tiny_gpt(mod, LESSON, pos=pos, n_layer=2).train()
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(6))
     _, loss = model(idx[:, :-1].contiguous(), idx[:, 1:].contiguous())
     assert loss.ndim == 0 and torch.isfinite(loss)
@@ -275,7 +273,7 @@ def test_every_parameter_gets_a_gradient(name, pos):
 def test_initial_loss_is_near_uniform(name):
     """Small init: the untrained model predicts ~uniformly, loss ~ ln(vocab_size)."""
     mod = load(name)
-    model = tiny_gpt(mod, vocab_size=256)
+    model = tiny_gpt(mod, LESSON, perturb=False, vocab_size=256)
     g = torch.Generator().manual_seed(7)
     idx, targets = torch.randint(0, 256, (2, 4, 16), generator=g)
     with torch.no_grad():
@@ -285,19 +283,27 @@ def test_initial_loss_is_near_uniform(name):
     assert abs(loss.item() - np.log(256)) < 0.1
 
 
+def part01_params(cfg):
+    """Part01's formula: 12C^2 + 13C per block (with biases; 2C of LayerNorm gains without),
+    the tied embedding once, the position table when learned, the final LayerNorm."""
+    C, bias = cfg.n_embd, cfg.bias
+    per_block = 12 * C * C + (13 * C if bias else 2 * C)
+    pos = cfg.block_size * C if cfg.pos == "learned" else 0
+    return cfg.vocab_size * C + pos + cfg.n_layer * per_block + (2 * C if bias else C)
+
+
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("pos", ["learned", "sinusoidal"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_num_params_matches_formula(name, pos, bias):
     mod = load(name)
-    cfg = tiny_cfg(mod, pos=pos, bias=bias, n_layer=3, n_embd=24, n_head=3, block_size=20,
+    cfg = tiny_cfg(mod, LESSON, pos=pos, bias=bias, n_layer=3, n_embd=24, n_head=3, block_size=20,
                    vocab_size=64)  # a multiple of 64: later parts pad the vocabulary to one
     model = mod.GPT(cfg)
     n = model.num_params()
     unique = {p.data_ptr(): p.numel() for p in model.parameters()}
     assert n == sum(unique.values())
-    assert n == mod.count_params(cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.vocab_size,
-                                 pos == "learned", bias)
+    assert n == part01_params(cfg)
     # by hand for this config: 12C^2 + 13C (or + 2C) per block, tied embedding once
     C = 24
     per_block = 12 * C * C + (13 * C if bias else 2 * C)
@@ -305,10 +311,24 @@ def test_num_params_matches_formula(name, pos, bias):
     assert n == hand
 
 
+@pytest.mark.parametrize("name", PART01)
+@pytest.mark.parametrize("pos", ["learned", "sinusoidal"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [dict(n_layer=3, n_embd=24, n_head=3, block_size=20, vocab_size=64),
+                                   dict(n_layer=1, n_embd=16, n_head=2, block_size=7, vocab_size=100)])
+def test_count_params_is_the_formula(name, pos, bias, shape):
+    """count_params, the formula part01 teaches, counts the model without building it."""
+    mod = load(name)
+    cfg = tiny_cfg(mod, LESSON, pos=pos, bias=bias, **shape)
+    n = mod.count_params(cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.vocab_size,
+                         pos == "learned", bias)
+    assert n == mod.GPT(cfg).num_params() == part01_params(cfg)
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_lm_head_is_tied_and_context_is_limited(name):
     mod = load(name)
-    model = tiny_gpt(mod)
+    model = tiny_gpt(mod, LESSON)
     assert model.lm_head.weight is model.wte.weight
     with pytest.raises(ValueError):
         model(torch.zeros(1, 17, dtype=torch.long))  # block_size is 16
@@ -317,7 +337,7 @@ def test_lm_head_is_tied_and_context_is_limited(name):
 @pytest.mark.parametrize("name", ALL)
 def test_sinusoidal_dot_product_depends_on_distance_only(name):
     mod = load(name)
-    table = need(mod, "sinusoidal_table")
+    table = mod.sinusoidal_table
     T, C = 96, 16
     P = table(T, C).double()
     assert P.shape == (T, C)
@@ -338,8 +358,8 @@ def test_sinusoidal_dot_product_depends_on_distance_only(name):
 @pytest.mark.parametrize("name", ALL)
 def test_sinusoidal_positions_add_no_parameters(name):
     mod = load(name)
-    learned = tiny_gpt(mod, pos="learned").num_params()
-    sinus = tiny_gpt(mod, pos="sinusoidal").num_params()
+    learned = tiny_gpt(mod, LESSON, pos="learned").num_params()
+    sinus = tiny_gpt(mod, LESSON, pos="sinusoidal").num_params()
     assert learned - sinus == 16 * 32  # block_size * n_embd
 
 
@@ -378,7 +398,7 @@ def test_text_of_block_size_plus_one_bytes_is_accepted(tmp_path):
 # ---------------------------------------------------------------------------------------
 def test_generate_is_greedy_and_crops_to_the_context():
     mod = load("part01")
-    model = tiny_gpt(mod, block_size=8)
+    model = tiny_gpt(mod, LESSON, block_size=8)
     randomize_(model)
     start = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(8))
     out = mod.generate(model, start, 10)
@@ -394,7 +414,7 @@ def test_trained_model_recites_its_text_greedily():
     mod = load("part01")
     text = "to be or not to be, that is the question."
     ids = torch.tensor(list(text.encode()), dtype=torch.long)
-    cfg = tiny_cfg(mod, vocab_size=256, block_size=64, n_embd=32, n_head=4, n_layer=1,
+    cfg = tiny_cfg(mod, LESSON, vocab_size=256, block_size=64, n_embd=32, n_head=4, n_layer=1,
                    learning_rate=1e-2, max_steps=300, target_loss=0.02, log_interval=1000)
     mod.set_seed(0)
     model = mod.GPT(cfg)

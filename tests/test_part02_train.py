@@ -2,11 +2,10 @@
 the data path (file, folder, URL through a local http.server, the offline fallback, the
 token cache), get_batch's shifted windows, the loss at initialization, estimate_loss,
 top-k / top-p / temperature sampling, checkpoints, every bad input ending in one `error:`
-line and exit status 2, and the milestone: a short run lowers the validation loss, the
-same seed gives the same losses."""
+line and exit status 2, and the milestone: a short run lowers the validation loss. (The
+same seed gives the same run: test_part00_foundations.py checks it on every part.)"""
 import dataclasses
 import http.server
-import json
 import math
 import os
 import random
@@ -17,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (expect_exit_2, load, part_names, random_strings,
-                      randomize_, read_summary, unused_port, write)
+from conftest import (as_flags, expect_exit_2, lesson_fields, load, part_names, random_strings,
+                      randomize_, read_metrics, read_summary, tiny_cfg, unused_port, write)
 
 ALL = part_names(2)
+LESSON = 2  # every part trains part02's model: byte tokens, learned positions, dense GELU MLPs
 LN256 = math.log(256)
 SHAPE = dict(n_layer=1, n_head=2, n_embd=32, block_size=16)
 
@@ -28,29 +28,17 @@ SHAPE = dict(n_layer=1, n_head=2, n_embd=32, block_size=16)
 # ---------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------
-def tiny_cfg(mod, tmp_path, **kw):
-    """A small CPU config whose caches and outputs stay inside tmp_path; newer fields keep
-    their defaults (part03's rope/rmsnorm/swiglu)."""
-    base = dict(device="cpu", dtype="float32", seed=0, data_dir=str(tmp_path / "data"),
-                out_dir=str(tmp_path / "out"), batch_size=4, max_steps=4, eval_interval=2,
-                eval_iters=2, log_interval=1, num_samples=1, max_new_tokens=8, vocab_size=256,
-                **byte_level(mod), **SHAPE)
-    base.update(kw)
-    return mod.Config(**base)
-
-
-def byte_level(mod):
-    """Config fields that keep a later part on this part's setting: byte tokens (part04
-    makes BPE the default) and dense MLPs (part05 makes Mixture-of-Experts the default)."""
-    fields = {f.name for f in dataclasses.fields(mod.Config)}
-    later = {"tokenizer": "byte", "n_experts": 0}
-    return {k: v for k, v in later.items() if k in fields}
+def run_cfg(mod, tmp_path, **kw):
+    """Part02's tiny model (conftest's tiny_cfg) for a 4-step run whose caches and outputs
+    stay inside tmp_path."""
+    run = dict(data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), max_steps=4,
+               eval_interval=2, log_interval=1, num_samples=1, max_new_tokens=8, vocab_size=256)
+    return tiny_cfg(mod, LESSON, **{**run, **SHAPE, **kw})
 
 
 def cli(mod, **kw):
-    """Command-line flags for main(): CPU, byte tokens, the tiny shape (kw overrides it)."""
-    flags = {"device": "cpu", **byte_level(mod), **SHAPE, **kw}
-    return [a for k, v in flags.items() for a in (f"--{k}", str(v))]
+    """Command-line flags for main(): CPU, part02's model in the tiny shape (kw overrides it)."""
+    return as_flags({"device": "cpu", **lesson_fields(mod, LESSON), **SHAPE, **kw})
 
 
 def small_text(tmp_path, n=4000, name="small.txt"):
@@ -65,14 +53,14 @@ def small_text(tmp_path, n=4000, name="small.txt"):
 
 
 def tiny_model(mod, tmp_path, seed=0, **kw):
-    cfg = tiny_cfg(mod, tmp_path, **kw)
+    cfg = run_cfg(mod, tmp_path, **kw)
     torch.manual_seed(seed)
     return cfg, randomize_(mod.GPT(cfg), seed).eval()
 
 
 def train_tiny(mod, tmp_path, text_path, **kw):
     """What main() does before sampling, on a tiny config: returns cfg, model, result."""
-    cfg = tiny_cfg(mod, tmp_path, data=text_path, **kw)
+    cfg = run_cfg(mod, tmp_path, data=text_path, **kw)
     data, _ = mod.load_tokens(cfg, mod.ByteTokenizer())
     train_data, val_data = mod.split_data(data)
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -177,7 +165,7 @@ def test_byte_tokenizer_decodes_any_byte_ids(name):
 def test_load_text_reads_a_file_and_a_folder_of_txt_files(name, tmp_path):
     mod = load(name)
     f = write(tmp_path / "one.txt", "h\u00e9llo \U0001F600\n")
-    text, used = mod.load_text(tiny_cfg(mod, tmp_path, data=f))
+    text, used = mod.load_text(run_cfg(mod, tmp_path, data=f))
     assert (text, used) == ("h\u00e9llo \U0001F600\n", f)
     folder = tmp_path / "corpus"
     names = ["c.txt", "10.txt", "a.txt", "B.txt", "2.txt"]  # sorted: 10, 2, B, a, c
@@ -185,12 +173,12 @@ def test_load_text_reads_a_file_and_a_folder_of_txt_files(name, tmp_path):
         write(folder / n, n.upper())
     write(folder / "d.md", "not text")
     write(folder / "z.txt.bak", "not text either")
-    text, used = mod.load_text(tiny_cfg(mod, tmp_path, data=str(folder)))
+    text, used = mod.load_text(run_cfg(mod, tmp_path, data=str(folder)))
     assert text == "10.TXT\n\n2.TXT\n\nB.TXT\n\nA.TXT\n\nC.TXT"  # sorted, .txt only
     assert used == str(folder)
     # invalid UTF-8 in a file is replaced, not fatal
     bad = write(tmp_path / "bad.txt", b"ok \xff\xfe ok")
-    assert mod.load_text(tiny_cfg(mod, tmp_path, data=bad))[0] == "ok \ufffd\ufffd ok"
+    assert mod.load_text(run_cfg(mod, tmp_path, data=bad))[0] == "ok \ufffd\ufffd ok"
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -198,7 +186,7 @@ def test_load_tokens_caches_in_data_dir_and_notices_a_changed_file(name, tmp_pat
     mod = load(name)
     tok = mod.ByteTokenizer()
     path = small_text(tmp_path, 2000)
-    cfg = tiny_cfg(mod, tmp_path, data=path)
+    cfg = run_cfg(mod, tmp_path, data=path)
     data, used = mod.load_tokens(cfg, tok)
     raw = Path(path).read_bytes()
     assert used == path and data.dtype == np.uint8 and len(data) == len(raw)
@@ -220,7 +208,7 @@ def test_load_tokens_caches_in_data_dir_and_notices_a_changed_file(name, tmp_pat
 def test_shortest_accepted_file_holds_a_window_in_both_splits(name, tmp_path):
     mod = load(name)
     T = SHAPE["block_size"]
-    cfg = tiny_cfg(mod, tmp_path, data=small_text(tmp_path, 10 * (T + 1)))
+    cfg = run_cfg(mod, tmp_path, data=small_text(tmp_path, 10 * (T + 1)))
     data, _ = mod.load_tokens(cfg, mod.ByteTokenizer())
     train_data, val_data = mod.split_data(data)
     assert len(train_data) + len(val_data) == len(data)
@@ -279,7 +267,7 @@ def test_get_batch_reaches_the_last_window(name):
 @pytest.mark.parametrize("name", ALL)
 def test_untrained_loss_is_near_ln_256_on_real_text(name, tmp_path):
     mod = load(name)
-    cfg = tiny_cfg(mod, tmp_path, data=small_text(tmp_path, 6000), n_layer=2, n_embd=64,
+    cfg = run_cfg(mod, tmp_path, data=small_text(tmp_path, 6000), n_layer=2, n_embd=64,
                    n_head=4, block_size=32, batch_size=8, eval_iters=4)
     data, _ = mod.load_tokens(cfg, mod.ByteTokenizer())
     train_data, val_data = mod.split_data(data)
@@ -460,7 +448,7 @@ def test_train_writes_a_plain_checkpoint_that_loads_back(name, tmp_path):
     assert best, {f: c.get("val_loss") for f, c in ckpts.items()}
     path, ckpt = os.path.join(cfg.out_dir, best[0]), ckpts[best[0]]
     assert ckpt["step"] in (2, 4)
-    lines = [json.loads(s) for s in Path(cfg.out_dir, "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(cfg.out_dir)
     assert [d["step"] for d in lines if "train_loss" in d] == [1, 2, 3, 4]
     assert [d["step"] for d in lines if "val_loss" in d] == [2, 4]
     # load_checkpoint accepts it, and its weights give back the best validation loss
@@ -494,8 +482,7 @@ def test_checkpoint_holds_the_best_validation_loss_not_the_last(name, tmp_path, 
              for f in checkpoints(cfg.out_dir)]
     assert any(c["step"] == 8 and c["val_loss"] == 1.5 for c in saved), \
         [(c["step"], c.get("val_loss")) for c in saved]
-    evals = [d for d in map(json.loads, Path(cfg.out_dir, "metrics.jsonl").read_text().splitlines())
-             if "val_loss" in d]
+    evals = [d for d in read_metrics(cfg.out_dir) if "val_loss" in d]
     assert [(d["step"], d["val_loss"]) for d in evals] == [(2, 3.0), (4, 2.0), (6, 2.5), (8, 1.5),
                                                             (10, 4.0)]
 
@@ -546,7 +533,7 @@ def _list(mod, path):
 def _foreign_object(mod, path):
     """A checkpoint that would otherwise load and sample fine, plus one object that only a
     full unpickler (weights_only=False: it runs the file's code) would build."""
-    cfg = tiny_cfg(mod, Path(path).parent)
+    cfg = run_cfg(mod, Path(path).parent)
     torch.save({"model": mod.GPT(cfg).state_dict(), "config": dataclasses.asdict(cfg), "step": 1,
                 "val_loss": 1.0, "payload": NotATensor()}, path)
 
@@ -650,7 +637,7 @@ BODY = ("First Citizen:\nBefore we proceed any further, hear me speak. \u00e9\U0
 def test_download_is_cached_and_not_fetched_again(name, tmp_path, server, capsys):
     mod = load(name)
     server.files["/x.txt"] = BODY
-    cfg = tiny_cfg(mod, tmp_path, data=server.url + "/x.txt")
+    cfg = run_cfg(mod, tmp_path, data=server.url + "/x.txt")
     text, used = mod.load_text(cfg)
     assert text == BODY.decode()
     assert os.path.dirname(used) == cfg.data_dir and used.endswith("-x.txt")  # <url hash>-x.txt
@@ -672,7 +659,7 @@ def test_the_default_url_is_cached_as_tinyshakespeare(name, tmp_path, server, mo
     mod = load(name)
     server.files["/input.txt"] = BODY
     monkeypatch.setattr(mod, "SHAKESPEARE_URL", server.url + "/input.txt")
-    cfg = tiny_cfg(mod, tmp_path, data=mod.SHAKESPEARE_URL)
+    cfg = run_cfg(mod, tmp_path, data=mod.SHAKESPEARE_URL)
     text, used = mod.load_text(cfg)
     assert text == BODY.decode() and used == os.path.join(cfg.data_dir, "tinyshakespeare.txt")
     assert mod.load_text(cfg)[0] == text and server.hits == ["/input.txt"]
@@ -683,7 +670,7 @@ def test_offline_falls_back_to_pydoc_topics(name, tmp_path, monkeypatch, capsys,
     mod = load(name)
     url = f"http://127.0.0.1:{unused_port()}/input.txt"
     monkeypatch.setattr(mod, "SHAKESPEARE_URL", url)
-    cfg = tiny_cfg(mod, tmp_path, data=url)
+    cfg = run_cfg(mod, tmp_path, data=url)
     capsys.readouterr()
     text, used = mod.load_text(cfg)
     from pydoc_data.topics import topics
@@ -700,11 +687,11 @@ def test_offline_falls_back_to_pydoc_topics(name, tmp_path, monkeypatch, capsys,
 def test_failed_download_of_another_url_exits_2_and_caches_nothing(name, tmp_path, server,
                                                                    capsys):
     mod = load(name)
-    cfg = tiny_cfg(mod, tmp_path, data=server.url + "/missing.txt")  # 404
+    cfg = run_cfg(mod, tmp_path, data=server.url + "/missing.txt")  # 404
     err = expect_exit_2(capsys, mod.load_text, cfg)
     assert "missing.txt" in err and server.hits == ["/missing.txt"]
     assert not os.path.exists(cfg.data_dir) or os.listdir(cfg.data_dir) == []
-    closed = tiny_cfg(mod, tmp_path, data=f"http://127.0.0.1:{unused_port()}/x.txt")
+    closed = run_cfg(mod, tmp_path, data=f"http://127.0.0.1:{unused_port()}/x.txt")
     expect_exit_2(capsys, mod.load_text, closed)
     assert not os.path.exists(cfg.data_dir) or os.listdir(cfg.data_dir) == []
 
@@ -714,7 +701,7 @@ def test_interrupted_download_leaves_no_file_and_is_retried(name, tmp_path, serv
     mod = load(name)
     server.files["/cut.txt"] = BODY
     server.truncated.add("/cut.txt")  # the connection closes 1000 bytes early
-    cfg = tiny_cfg(mod, tmp_path, data=server.url + "/cut.txt")
+    cfg = run_cfg(mod, tmp_path, data=server.url + "/cut.txt")
     expect_exit_2(capsys, mod.load_text, cfg)
     assert os.listdir(cfg.data_dir) == []  # neither the data file nor a partial temp file
     server.truncated.clear()
@@ -724,22 +711,12 @@ def test_interrupted_download_leaves_no_file_and_is_retried(name, tmp_path, serv
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_interrupted_download_leaves_no_temp_file(name, tmp_path, server, capsys):
-    mod = load(name)
-    server.files["/cut.txt"] = BODY
-    server.truncated.add("/cut.txt")
-    cfg = tiny_cfg(mod, tmp_path, data=server.url + "/cut.txt")
-    expect_exit_2(capsys, mod.load_text, cfg)
-    assert os.listdir(cfg.data_dir) == []
-
-
-@pytest.mark.parametrize("name", ALL)
 def test_two_urls_with_the_same_file_name_do_not_share_a_cache(name, tmp_path, server):
     mod = load(name)
     server.files["/a/input.txt"] = b"text of corpus A\n" * 40
     server.files["/b/input.txt"] = b"text of corpus B\n" * 40
-    a = mod.load_text(tiny_cfg(mod, tmp_path, data=server.url + "/a/input.txt"))[0]
-    b = mod.load_text(tiny_cfg(mod, tmp_path, data=server.url + "/b/input.txt"))[0]
+    a = mod.load_text(run_cfg(mod, tmp_path, data=server.url + "/a/input.txt"))[0]
+    b = mod.load_text(run_cfg(mod, tmp_path, data=server.url + "/b/input.txt"))[0]
     assert a.startswith("text of corpus A")
     assert b.startswith("text of corpus B")
 
@@ -751,10 +728,6 @@ RUN = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "32"
        "--batch_size", "8", "--max_steps", "60", "--eval_interval", "30", "--eval_iters", "5",
        "--log_interval", "10", "--num_samples", "2", "--max_new_tokens", "20",
        "--device", "cpu"]
-
-
-def read_metrics(out_dir):
-    return [json.loads(s) for s in Path(out_dir, "metrics.jsonl").read_text().splitlines()]
 
 
 def test_short_training_run_lowers_validation_loss(tmp_path, shakespeare, capsys):
@@ -785,22 +758,3 @@ def test_short_training_run_lowers_validation_loss(tmp_path, shakespeare, capsys
     assert len(samples) == 2 and all(x.startswith("\n") for x in samples)  # the default prompt
     assert "tok/s" in stdout and "ETA" in stdout and "bpb" in stdout
     assert not list(out.glob("*.tmp"))
-
-
-def test_same_seed_same_losses(tmp_path, shakespeare):
-    mod = load("part02")
-    args = RUN + ["--data", shakespeare, "--data_dir", str(tmp_path / "data"), "--max_steps", "20",
-                  "--eval_interval", "10", "--log_interval", "5", "--num_samples", "1",
-                  "--max_new_tokens", "5"]
-
-    def losses(seed, out):
-        mod.main(args + ["--seed", str(seed), "--out_dir", str(tmp_path / out)])
-        m = read_metrics(tmp_path / out)
-        return ([d["train_loss"] for d in m if "train_loss" in d],
-                [d["val_loss"] for d in m if "val_loss" in d],
-                (tmp_path / out / "samples.txt").read_text())
-
-    a, b, c = losses(7, "a"), losses(7, "b"), losses(8, "c")
-    assert len(a[0]) == 5 and len(a[1]) == 2
-    assert a == b  # loss for loss, and the same samples
-    assert a[0][1:] != c[0][1:] and a[1] != c[1]

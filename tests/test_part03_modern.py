@@ -3,18 +3,23 @@ logit for logit, batched, past the context), RoPE's relative positions, RMSNorm 
 formula, grouped-query attention against a repeated-heads reference, sliding windows and
 sinks against a brute-force mask, the rolling cache against a full windowed forward, the
 SwiGLU width and the parameter formula, flag errors, the time budget, and the milestone."""
-import dataclasses
 import math
 import time
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import expect_flag_error, load, part_names, perturb_, read_summary
+from conftest import (expect_flag_error, load, part_names, part_number, perturb_, read_summary,
+                      tiny_cfg, tiny_gpt, tokens)
 
 ALL = part_names(3)
+LESSON = 3  # every part builds part03's model: the modern stack, dense (conftest.lesson_fields)
+# The tiny models of this file: conftest's, with part03's defaults and a 32-token context.
+modern_cfg = partial(tiny_cfg, lesson=LESSON, block_size=32)
+modern_gpt = partial(tiny_gpt, lesson=LESSON, block_size=32)
 
 # Architectures every later part must keep serving through the cache.
 ARCHS = {
@@ -25,27 +30,15 @@ ARCHS = {
     "window_sink": dict(window=8, sink=2),  # RoPE: streams past block_size
     "window_learned": dict(pos="learned", window=5, sink=1),  # no RoPE: does not stream
 }
-MODERN = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=0, window=0, sink=0,
-              n_experts=0)
 
 
-def tiny_cfg(mod, **kw):
-    """A small model with the modern stack set explicitly (a later part may change defaults)."""
-    fields = {f.name for f in dataclasses.fields(mod.Config)}
-    base = dict(n_layer=2, n_head=4, n_embd=32, block_size=32, vocab_size=64, dropout=0.0,
-                flash=True)
-    base.update({k: v for k, v in MODERN.items() if k in fields})
-    base.update(kw)
-    return mod.Config(**base)
-
-
-def tiny_gpt(mod, seed=0, **kw):
-    torch.manual_seed(seed)
-    return perturb_(mod.GPT(tiny_cfg(mod, **kw)), seed).eval()
-
-
-def tokens(shape, seed=1, vocab=64):
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+def cache_bytes(mod, cache):
+    """The bytes a KV cache holds: its keys and values. Part03's KVCache reports them itself
+    (nbytes, for its streaming demo), and must agree; part04 replaces nbytes."""
+    held = sum(t.nelement() * t.element_size() for t in cache.k + cache.v if t is not None)
+    if part_number(mod) == 3:
+        assert cache.nbytes() == held
+    return held
 
 
 # ---------------------------------------------------------------------------------------
@@ -55,7 +48,7 @@ def tokens(shape, seed=1, vocab=64):
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_cached_generation_equals_uncached(name, arch):
     mod = load(name)
-    model = tiny_gpt(mod, **ARCHS[arch])
+    model = modern_gpt(mod, **ARCHS[arch])
     prompt = tokens((3, 5))
     n = 32 - 5  # fills the context exactly
     a = mod.generate(model, prompt, n, temperature=0, use_cache=True)
@@ -72,7 +65,7 @@ def test_cached_generation_past_the_context_restarts_like_cropping(name, arch):
     """Full attention past block_size: the uncached path crops to the last block_size
     tokens, the cached path must restart its cache and give the very same tokens."""
     mod = load(name)
-    model = tiny_gpt(mod, block_size=16, **ARCHS[arch])
+    model = modern_gpt(mod, block_size=16, **ARCHS[arch])
     assert not model.streams
     prompt = tokens((3, 5), seed=2)
     a = mod.generate(model, prompt, 30, temperature=0, use_cache=True)
@@ -90,7 +83,7 @@ def test_cached_generation_streams_past_the_context(name):
     """Sliding window + RoPE: no crop, no restart; the rolling cache gives the tokens of
     a full windowed forward over everything generated so far."""
     mod = load(name)
-    model = tiny_gpt(mod, block_size=16, window=8, sink=2)
+    model = modern_gpt(mod, block_size=16, window=8, sink=2)
     assert model.streams
     prompt = tokens((3, 4), seed=3)
     a = mod.generate(model, prompt, 44, temperature=0, use_cache=True)
@@ -108,7 +101,7 @@ def test_cached_generation_streams_past_the_context(name):
 @pytest.mark.parametrize("flash", [True, False])
 def test_prefill_then_decode_logits_equal_full_forward(name, arch, flash):
     mod = load(name)
-    model = tiny_gpt(mod, flash=flash, **ARCHS[arch])
+    model = modern_gpt(mod, flash=flash, **ARCHS[arch])
     idx = tokens((3, 32), seed=4)
     with torch.no_grad():
         full, _ = model(idx)
@@ -132,11 +125,11 @@ def test_cache_shrinks_with_grouped_query_attention(name):
     idx = tokens((2, 20), seed=5)
     sizes = {}
     for kv in (0, 2, 1):
-        model = tiny_gpt(mod, n_kv_head=kv)
+        model = modern_gpt(mod, n_kv_head=kv)
         cache = model.new_cache()
         with torch.no_grad():
             model(idx, cache=cache)
-        sizes[kv] = cache.nbytes()
+        sizes[kv] = cache_bytes(mod, cache)
     # allocated for the whole context: layers * (k, v) * B * block_size * C * float32
     assert sizes[0] == 2 * 2 * 2 * model.cfg.block_size * 32 * 4
     assert sizes[2] * 2 == sizes[0] and sizes[1] * 4 == sizes[0]
@@ -186,9 +179,9 @@ def test_rope_preserves_norms_and_is_identity_at_zero(name):
 @pytest.mark.parametrize("name", ALL)
 def test_rope_model_adds_no_parameters_and_sees_order(name):
     mod = load(name)
-    rope = tiny_gpt(mod, pos="rope")
+    rope = modern_gpt(mod, pos="rope")
     assert rope.wpe is None
-    assert tiny_gpt(mod, pos="learned").num_params() - rope.num_params() == 32 * 32
+    assert modern_gpt(mod, pos="learned").num_params() - rope.num_params() == 32 * 32
     idx = tokens((1, 12), seed=8)
     with torch.no_grad():
         a, _ = rope(idx)
@@ -223,8 +216,8 @@ def test_rmsnorm_matches_its_formula(name):
 @pytest.mark.parametrize("name", ALL)
 def test_gqa_with_as_many_kv_heads_is_multihead(name):
     mod = load(name)
-    mha = tiny_gpt(mod, n_kv_head=0)
-    gqa = tiny_gpt(mod, n_kv_head=4, seed=1)
+    mha = modern_gpt(mod, n_kv_head=0)
+    gqa = modern_gpt(mod, n_kv_head=4, seed=1)
     gqa.load_state_dict(mha.state_dict())
     idx = tokens((2, 20), seed=11)
     with torch.no_grad():
@@ -236,7 +229,7 @@ def test_gqa_with_as_many_kv_heads_is_multihead(name):
 @pytest.mark.parametrize("flash", [True, False])
 def test_gqa_equals_repeated_kv_heads_reference(name, n_kv_head, flash):
     mod = load(name)
-    cfg = tiny_cfg(mod, n_kv_head=n_kv_head, flash=flash, bias=True)
+    cfg = modern_cfg(mod, n_kv_head=n_kv_head, flash=flash, bias=True)
     torch.manual_seed(0)
     attn = perturb_(mod.CausalSelfAttention(cfg), scale=0.3).eval()
     B, T, C, H, hd = 2, 10, 32, 4, 8
@@ -261,8 +254,8 @@ def test_gqa_model_equals_multihead_model_with_copied_kv_weights(name):
     """The whole model (RoPE, window, sink) with 2 kv heads = multi-head attention whose
     k and v projections hold each kv head's weights once per query head of its group."""
     mod = load(name)
-    gqa = tiny_gpt(mod, n_kv_head=2, window=8, sink=2)
-    mha = tiny_gpt(mod, n_kv_head=0, window=8, sink=2, seed=1)
+    gqa = modern_gpt(mod, n_kv_head=2, window=8, sink=2)
+    mha = modern_gpt(mod, n_kv_head=0, window=8, sink=2, seed=1)
     C, hd, H = 32, 8, 4
     state = gqa.state_dict()
     for key, w in list(state.items()):
@@ -318,15 +311,15 @@ def test_attention_mask_matches_brute_force(name, window, sink):
 @pytest.mark.parametrize("flash", [True, False])
 def test_window_covering_the_sequence_is_full_attention(name, flash):
     mod = load(name)
-    full = tiny_gpt(mod, flash=flash, window=0)
+    full = modern_gpt(mod, flash=flash, window=0)
     idx = tokens((2, 20), seed=14)
     with torch.no_grad():
         want, _ = full(idx)
         for window, sink in ((20, 0), (32, 3), (100, 0)):
-            wide = tiny_gpt(mod, flash=flash, window=window, sink=sink, seed=5)
+            wide = modern_gpt(mod, flash=flash, window=window, sink=sink, seed=5)
             wide.load_state_dict(full.state_dict())
             torch.testing.assert_close(wide(idx)[0], want, atol=1e-5, rtol=1e-5)
-        narrow = tiny_gpt(mod, flash=flash, window=4, seed=5)
+        narrow = modern_gpt(mod, flash=flash, window=4, seed=5)
         narrow.load_state_dict(full.state_dict())
         got = narrow(idx)[0]
     torch.testing.assert_close(got[:, :4], want[:, :4], atol=1e-5, rtol=1e-5)  # still in view
@@ -339,8 +332,8 @@ def test_window_covering_the_sequence_is_full_attention(name, flash):
                                   dict(window=3, pos="learned", norm="layernorm")])
 def test_flash_and_explicit_paths_agree(name, arch):
     mod = load(name)
-    fast = tiny_gpt(mod, flash=True, **arch)
-    slow = tiny_gpt(mod, flash=False, seed=3, **arch)
+    fast = modern_gpt(mod, flash=True, **arch)
+    slow = modern_gpt(mod, flash=False, seed=3, **arch)
     slow.load_state_dict(fast.state_dict())
     idx = tokens((2, 24), seed=15)
     with torch.no_grad():
@@ -351,19 +344,28 @@ def test_flash_and_explicit_paths_agree(name, arch):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_recorded_weights_follow_the_window_and_sink(name):
+@pytest.mark.parametrize("q_pos,k_pos", [(range(12), range(12)),  # training: the full square
+                                         ([13, 14, 15], [0, 1, *range(9, 16)])])  # a rolling cache
+def test_attention_weights_follow_the_window_and_sink(name, q_pos, k_pos):
+    """attention() under attention_mask(window=4, sink=2): each query's weights are a
+    distribution over exactly the keys the window and the sink let it see."""
     mod = load(name)
-    model = tiny_gpt(mod, flash=False, window=4, sink=2)
-    attn = model.h[0].attn
-    attn.record = True
-    with torch.no_grad():
-        model(tokens((1, 12), seed=16))
-    attn.record = False
-    w = attn.weights[0]  # (H, T, T)
-    allowed = brute_mask(range(12), range(12), 4, 2)
-    assert torch.all(w[:, ~allowed] == 0)
-    assert torch.all(w[:, allowed] > 0)
-    torch.testing.assert_close(w.sum(-1), torch.ones(4, 12), atol=1e-5, rtol=0)
+    q_pos, k_pos = torch.tensor(list(q_pos)), torch.tensor(list(k_pos))
+    g = torch.Generator().manual_seed(16)
+    q = torch.randn(1, 4, len(q_pos), 8, generator=g) * 2
+    k, v = (torch.randn(1, 4, len(k_pos), 8, generator=g) * 2 for _ in range(2))
+    mask = mod.attention_mask(q_pos, k_pos, 4, 2)
+    allowed = brute_mask(q_pos.tolist(), k_pos.tolist(), 4, 2)
+    assert torch.equal(mask, allowed)
+    y, w = mod.attention(q, k, v, mask)
+    assert w.shape == (1, 4, len(q_pos), len(k_pos))
+    assert torch.all(w[..., ~allowed] == 0)
+    assert torch.all(w[..., allowed] > 0)
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, 4, len(q_pos)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y, F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                               atol=1e-5, rtol=1e-5)
+    # the sink and the window leave a gap: some earlier keys are out of sight
+    assert (~allowed & (k_pos[None, :] <= q_pos[:, None])).any()
 
 
 # ---------------------------------------------------------------------------------------
@@ -374,7 +376,7 @@ def test_recorded_weights_follow_the_window_and_sink(name):
 def test_rolling_cache_streams_like_a_full_windowed_forward(name, n_kv_head):
     mod = load(name)
     window, sink, T, B = 8, 2, 16, 2
-    model = tiny_gpt(mod, block_size=T, window=window, sink=sink, n_kv_head=n_kv_head)
+    model = modern_gpt(mod, block_size=T, window=window, sink=sink, n_kv_head=n_kv_head)
     assert model.streams
     idx = tokens((B, 5 * T), seed=17)
     cache = model.new_cache()
@@ -383,7 +385,7 @@ def test_rolling_cache_streams_like_a_full_windowed_forward(name, n_kv_head):
         full, _ = model(idx)  # the reference: every position from scratch, windowed
         for t in range(5 * T):
             logits.append(model(idx[:, t:t + 1], cache=cache)[0])
-            sizes.append(cache.nbytes())
+            sizes.append(cache_bytes(mod, cache))
             entries.append(max(k.size(2) for k in cache.k))
     torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-4, rtol=0)
     # memory stops growing: at most sink + window (+1) entries per layer, however long
@@ -392,7 +394,7 @@ def test_rolling_cache_streams_like_a_full_windowed_forward(name, n_kv_head):
     assert max(sizes) <= 2 * 2 * B * kv * (sink + window + 1) * 8 * 4  # layers, k+v, fp32
     assert len(set(sizes[T:])) == 1 and sizes[0] < sizes[T]
     # the window matters: a model that sees everything gives other logits late in the stream
-    wide = tiny_gpt(mod, block_size=5 * T, n_kv_head=n_kv_head)
+    wide = modern_gpt(mod, block_size=5 * T, n_kv_head=n_kv_head)
     wide.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert (wide(idx)[0][:, -1] - full[:, -1]).abs().amax() > 1e-3
@@ -401,7 +403,7 @@ def test_rolling_cache_streams_like_a_full_windowed_forward(name, n_kv_head):
 @pytest.mark.parametrize("name", ALL)
 def test_full_attention_cache_refuses_to_pass_the_context(name):
     mod = load(name)
-    model = tiny_gpt(mod, block_size=8)
+    model = modern_gpt(mod, block_size=8)
     cache = model.new_cache()
     with torch.no_grad():
         model(tokens((1, 8)), cache=cache)
@@ -420,7 +422,7 @@ def test_swiglu_width_matches_gelu_parameters(name, n_embd):
     mod = load(name)
     h = mod.swiglu_hidden(n_embd)
     assert h % 64 == 0 and h > 0
-    cfg = tiny_cfg(mod, n_embd=n_embd, n_head=4, bias=False)
+    cfg = modern_cfg(mod, n_embd=n_embd, n_head=4, bias=False)
     swiglu = sum(p.numel() for p in mod.SwiGLU(cfg).parameters())
     gelu = sum(p.numel() for p in mod.MLP(cfg).parameters())
     assert swiglu == 3 * n_embd * h and gelu == 8 * n_embd * n_embd
@@ -430,7 +432,7 @@ def test_swiglu_width_matches_gelu_parameters(name, n_embd):
 @pytest.mark.parametrize("name", ALL)
 def test_swiglu_is_gated_silu(name):
     mod = load(name)
-    cfg = tiny_cfg(mod, bias=True)
+    cfg = modern_cfg(mod, bias=True)
     m = perturb_(mod.SwiGLU(cfg), scale=0.3).eval()
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(18))
     h = mod.swiglu_hidden(32)
@@ -441,6 +443,25 @@ def test_swiglu_is_gated_silu(name):
         torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)
 
 
+def modern_params(cfg, vocab_rows):
+    """The parameter count of a part03-style GPT from its config, term by term: the tied
+    embedding (vocab_rows x C), the learned position table, per block two norms, attention
+    (q: C x C, k and v: C x kv each, out: C x C) and the MLP (GELU: C x 4C and 4C x C; SwiGLU:
+    C x 2h and h x C, h = 8C/3 rounded to 64), the final norm. Biases where cfg.bias; RMSNorm
+    has a gain and never a bias."""
+    C, bias = cfg.n_embd, cfg.bias
+    kv = (cfg.n_kv_head or cfg.n_head) * (C // cfg.n_head)
+    norm = C if cfg.norm == "rmsnorm" else C + (C if bias else 0)
+    attn = C * (C + 2 * kv) + C * C + (C + 2 * kv + C if bias else 0)
+    if cfg.mlp == "gelu":
+        mlp = 8 * C * C + (4 * C + C if bias else 0)
+    else:
+        h = max(64, 64 * round(8 * C / 3 / 64))
+        mlp = 3 * C * h + (2 * h + C if bias else 0)
+    pos = cfg.block_size * C if cfg.pos == "learned" else 0
+    return vocab_rows * C + pos + cfg.n_layer * (2 * norm + attn + mlp) + norm
+
+
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope"])
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
@@ -449,21 +470,20 @@ def test_swiglu_is_gated_silu(name):
 @pytest.mark.parametrize("n_kv_head", [0, 1, 2])
 def test_num_params_matches_formula(name, pos, norm, mlp, bias, n_kv_head):
     mod = load(name)
-    cfg = tiny_cfg(mod, pos=pos, norm=norm, mlp=mlp, bias=bias, n_kv_head=n_kv_head,
-                   n_layer=3, n_embd=48, n_head=4, block_size=20, vocab_size=50)
+    cfg = modern_cfg(mod, pos=pos, norm=norm, mlp=mlp, bias=bias, n_kv_head=n_kv_head,
+                     n_layer=3, n_embd=48, n_head=4, block_size=20, vocab_size=64)
     model = mod.GPT(cfg)
     n = model.num_params()
     assert n == sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
-    assert n == mod.count_params(cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.vocab_size,
-                                 learned_pos=pos == "learned", bias=bias, n_head=cfg.n_head,
-                                 n_kv_head=n_kv_head, mlp=mlp, norm=norm)
+    assert n == modern_params(cfg, vocab_rows=64)  # a multiple of 64: part04 pads to one
 
 
 def test_num_params_by_hand():
-    """One configuration counted without count_params: modern stack, 2 kv heads of 4."""
+    """One configuration counted by hand, apart from modern_params: the modern stack, 2 kv
+    heads of 4, 50 embedding rows (part03 does not pad the vocabulary)."""
     mod = load("part03")
     C, L, V, h, kv = 48, 3, 50, mod.swiglu_hidden(48), 24
-    cfg = tiny_cfg(mod, n_layer=L, n_embd=C, n_head=4, n_kv_head=2, vocab_size=V)
+    cfg = modern_cfg(mod, n_layer=L, n_embd=C, n_head=4, n_kv_head=2, vocab_size=V)
     per_block = C * (C + 2 * kv) + C * C + 3 * C * h + 2 * C
     assert mod.GPT(cfg).num_params() == V * C + L * per_block + C
 
@@ -482,7 +502,7 @@ def test_bad_flags_exit_2(name, args, tmp_path, capsys):
 @pytest.mark.parametrize("name", ALL)
 def test_train_honours_max_seconds(name, tmp_path, shakespeare, monkeypatch):
     mod = load(name)
-    cfg = tiny_cfg(mod, block_size=32, vocab_size=256, batch_size=4, max_steps=10**7,
+    cfg = modern_cfg(mod, block_size=32, vocab_size=256, batch_size=4, max_steps=10**7,
                    max_seconds=1.0, eval_interval=10**7, eval_iters=2, log_interval=10**7,
                    out_dir=str(tmp_path))
     data = np.frombuffer(open(shakespeare, "rb").read()[:200_000], dtype=np.uint8)

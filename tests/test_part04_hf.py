@@ -7,13 +7,14 @@ tokenizer ids, greedy generations, and checkpoints that transformers itself wrot
 import dataclasses
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import (SHAKESPEARE, expect_exit_2, expect_flag_error, load, part_names, perturb_, random_strings,
-                      run_flags, small_corpus)
+from conftest import (SHAKESPEARE, as_flags, expect_exit_2, expect_flag_error, lesson_fields, load, part_names,
+                      random_strings, run_flags, small_corpus, tiny_cfg, tiny_gpt)
 
 ALL = part_names(4)
 MOE = part_names(5)
@@ -36,20 +37,15 @@ def bpe(mod, shakespeare):
     return _BPE[mod.__name__]
 
 
-def tiny_cfg(mod, vocab_size, **kw):
-    base = dict(device="cpu", dtype="float32", n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32,
-                vocab_size=vocab_size, dropout=0.0, seed=0)
-    if "n_experts" in {f.name for f in dataclasses.fields(mod.Config)}:
-        base.update(n_experts=0, moe_top_k=2)  # dense unless asked
-    base.update(kw)
-    return mod.Config(**base)
+LESSON = 4  # part04's dense Llama on every part, unless a test asks for experts
+# The tiny model of this file: conftest's, with 2 kv heads of 4 and a 32-token context.
+hf_cfg = partial(tiny_cfg, lesson=LESSON, n_kv_head=2, block_size=32)
+hf_gpt = partial(tiny_gpt, lesson=LESSON, n_kv_head=2, block_size=32)
 
 
 def tiny_model(mod, tokenizer, seed=0, **kw):
-    """A GPT far from uniform (routing included), in eval mode."""
-    torch.manual_seed(seed)
-    model = mod.GPT(tiny_cfg(mod, tokenizer.vocab_size, **kw))
-    return perturb_(model, seed, 0.3).eval()
+    """A GPT for the tokenizer's vocabulary, far from uniform (routing included), in eval mode."""
+    return hf_gpt(mod, seed=seed, vocab_size=tokenizer.vocab_size, **kw)
 
 
 def kinds(name):
@@ -196,7 +192,7 @@ def test_round_trip_is_bit_identical(name, case, kind, flags, shakespeare, tmp_p
     assert config["vocab_size"] == tok.vocab_size  # the padding rows stay home
     assert config["rms_norm_eps"] == 1e-6 and config["rope_parameters"]["rope_theta"] == 10000.0
     assert config["tie_word_embeddings"] is True
-    cfg = dataclasses.replace(tiny_cfg(mod, 999), init_from=str(folder), sample_only=True,
+    cfg = dataclasses.replace(hf_cfg(mod, vocab_size=999), init_from=str(folder), sample_only=True,
                               n_layer=7, n_embd=128, n_kv_head=0)  # the folder's shape replaces these
     cfg, tok2, back = mod.load_hf(cfg)
     assert tok2.vocab_size == tok.vocab_size and type(tok2) is type(tok)
@@ -277,14 +273,12 @@ REFUSALS = [(name, *r) for name in ALL for r in refusals(name)]
                          ids=[f"{n[:6]}-{'-'.join(f)}" for n, f, _ in REFUSALS])
 def test_export_refuses_what_the_format_cannot_express(name, flags, words, tmp_path, capsys):
     mod = load(name)
-    model = mod.GPT(tiny_cfg(mod, 256, **flags))
+    model = mod.GPT(hf_cfg(mod, vocab_size=256, **flags))
     err = expect_exit_2(capsys, mod.export_hf, model, mod.ByteTokenizer(), str(tmp_path / "hf"))
     assert words in err
     assert not (tmp_path / "hf").exists()
     # main() refuses before it trains (and before it reads the data)
-    args = [a for k, v in flags.items() for a in (f"--{k}", str(v))]
-    if name in MOE and "n_experts" not in flags:
-        args += ["--n_experts", "0"]  # part05's default is an MoE in every block (no dense MLP)
+    args = as_flags({**lesson_fields(mod, LESSON), **flags})  # part05's default MoE has no dense MLP
     err = expect_flag_error(capsys, mod, args + ["--export_hf", str(tmp_path / "hf")], tmp_path)
     assert words in err
 
@@ -292,12 +286,12 @@ def test_export_refuses_what_the_format_cannot_express(name, flags, words, tmp_p
 @pytest.mark.parametrize("name", MOE)
 def test_export_refuses_trained_routing_offsets_and_accepts_gelu_beside_experts(name, tmp_path, capsys):
     mod = load(name)
-    model = mod.GPT(tiny_cfg(mod, 256, n_experts=4))
+    model = mod.GPT(hf_cfg(mod, vocab_size=256, n_experts=4))
     model.h[0].mlp.expert_offset[1] = 0.5  # what --balance aux_free leaves, whatever the flags say now
     err = expect_exit_2(capsys, mod.export_hf, model, mod.ByteTokenizer(), str(tmp_path / "hf"))
     assert "routing offsets" in err
-    assert mod.hf_refusal(tiny_cfg(mod, 256, n_experts=4, mlp="gelu")) is None  # no dense MLP is left
-    assert "--mlp gelu" in mod.hf_refusal(tiny_cfg(mod, 256, mlp="gelu"))
+    assert mod.hf_refusal(hf_cfg(mod, vocab_size=256, n_experts=4, mlp="gelu")) is None  # no dense MLP is left
+    assert "--mlp gelu" in mod.hf_refusal(hf_cfg(mod, vocab_size=256, mlp="gelu"))
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -403,7 +397,7 @@ def test_bad_folders_exit_2(name, pristine, tmp_path, capsys):
             err = expect_exit_2(capsys, main_cpu, mod, ["--init_from", str(folder), "--sample_only",
                                                           "--out_dir", str(tmp_path / "out")])
         else:  # the same function main() calls, without parsing the flags again
-            cfg = dataclasses.replace(tiny_cfg(mod, 300), init_from=str(folder), sample_only=True)
+            cfg = dataclasses.replace(hf_cfg(mod, vocab_size=300), init_from=str(folder), sample_only=True)
             err = expect_exit_2(capsys, mod.load_hf, cfg)
         assert words in err, (case, err)
 
@@ -420,7 +414,7 @@ def test_sharded_folder_with_its_index(name, folder, capsys, tmp_path):
         mod.save_safetensors(str(folder / shard), {k: tensors[k].half() for k in part})  # F16 read too
     index = {"metadata": {}, "weight_map": {k: s for s, part in shards.items() for k in part}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    cfg = dataclasses.replace(tiny_cfg(mod, 300), init_from=str(folder), sample_only=True)
+    cfg = dataclasses.replace(hf_cfg(mod, vocab_size=300), init_from=str(folder), sample_only=True)
     _, _, model = mod.load_hf(cfg)
     assert torch.equal(model.ln_f.weight, tensors["model.norm.weight"].half().float())
     index["weight_map"]["model.norm.weight"] = "../elsewhere.safetensors"
@@ -457,7 +451,7 @@ def test_part_specific_architectures(name, folder, tmp_path, capsys):
 def test_main_exports_trains_from_and_samples_a_folder(name, shakespeare, tmp_path, capsys):
     mod = load(name)
     data = small_corpus(tmp_path, shakespeare)
-    extra = {"n_experts": 0} if name in MOE else {}
+    extra = lesson_fields(mod, LESSON)  # dense: Llama
     mod.main(run_flags(tmp_path, data, "a", max_steps=3, export_hf=str(tmp_path / "hf_a"), **extra))
     exported = tmp_path / "hf_a"
     assert sorted(p.name for p in exported.iterdir()) == sorted(FILES)
@@ -576,6 +570,7 @@ def test_transformers_tokenizer_gives_our_ids(name, kind, shakespeare, tmp_path)
         got = hf_tok(s, add_special_tokens=True)["input_ids"]
         assert got == want, repr(s)
         assert hf_tok.decode(got) == tok.decode(want) == s, repr(s)
+    assert (special is None) == (kind == "byte")  # BPE has <|endoftext|>, bytes have none
     assert special is None or hf_tok.eos_token_id == special
 
 
@@ -610,7 +605,7 @@ def test_checkpoints_written_by_transformers_load(name, arch, shard, tmp_path, c
     hf.save_pretrained(str(folder), **({"max_shard_size": shard} if shard else {}))
     assert (folder / "model.safetensors.index.json").exists() == bool(shard)
     (folder / "tokenizer.json").write_text(json.dumps(mod.hf_tokenizer_json(mod.ByteTokenizer())))
-    cfg = dataclasses.replace(tiny_cfg(mod, 256), init_from=str(folder), sample_only=True)
+    cfg = dataclasses.replace(hf_cfg(mod, vocab_size=256), init_from=str(folder), sample_only=True)
     if arch == "MixtralForCausalLM" and name not in MOE:
         assert "MixtralForCausalLM" in expect_exit_2(capsys, mod.load_hf, cfg)
         return

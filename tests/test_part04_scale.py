@@ -15,14 +15,15 @@ import re
 import signal
 import sys
 import types
+from functools import partial
 from pathlib import Path
 
 import pytest
 import regex
 import torch
 
-from conftest import (expect_exit_2, load, part_names, random_strings, randomize_,
-                      read_metrics, read_summary, run_flags, small_corpus, torchrun,
+from conftest import (expect_exit_2, lesson_fields, load, part_names, random_strings, randomize_,
+                      read_metrics, read_summary, run_flags, small_corpus, tiny_cfg, torchrun,
                       train_losses, val_losses, write)
 
 ALL = part_names(4)
@@ -41,13 +42,9 @@ def mixed_text(shakespeare):
     return Path(shakespeare).read_text(encoding="utf-8")[:50_000] + UNICODE_EXTRA
 
 
-def tiny_cfg(mod, **kw):
-    base = dict(device="cpu", dtype="float32", n_layer=1, n_head=2, n_embd=32, block_size=16,
-                vocab_size=300, dropout=0.0, batch_size=4, eval_iters=2, seed=0)
-    if "n_experts" in {f.name for f in dataclasses.fields(mod.Config)}:
-        base["n_experts"] = 0  # dense, as in part04 (part05 makes MoE the default)
-    base.update(kw)
-    return mod.Config(**base)
+LESSON = 4  # every part builds part04's model: dense (conftest.lesson_fields)
+# The tiny model of this file: conftest's, one layer of two heads, a 300-token vocabulary.
+part04_cfg = partial(tiny_cfg, lesson=LESSON, n_layer=1, n_head=2, vocab_size=300)
 
 
 # near misses of the special token, and ordinary text, beside conftest's hard cases
@@ -239,7 +236,7 @@ def test_vocab_size_counts_bytes_merges_and_special_tokens(name, tmp_path, capsy
     assert mod.BPETokenizer.train("hello world " * 3, 262).vocab_size == 262
     assert capsys.readouterr().out == ""  # enough pairs: nothing to say
     # the command line: the note, then the usual line with the size reached
-    cfg = tiny_cfg(mod, tokenizer="bpe", vocab_size=5000, out_dir=str(tmp_path))
+    cfg = part04_cfg(mod, tokenizer="bpe", vocab_size=5000, out_dir=str(tmp_path))
     reached = mod.build_tokenizer(cfg, "hello world " * 20).vocab_size
     out = capsys.readouterr().out.splitlines()
     assert reached < 300 and [line.split()[0] for line in out] == ["note:", "BPE:"]
@@ -382,7 +379,7 @@ def test_prompt_and_data_cannot_forge_a_special_token(name, shakespeare, tmp_pat
     tok = trained_bpe(mod, shakespeare)
     sid = tok.special[SPECIAL]
     text = f"First Citizen:{SPECIAL}\nBefore we proceed any further, hear me speak.\n" * 100
-    cfg = tiny_cfg(mod, data_dir=str(tmp_path / "data"), block_size=64, prompt=f"Hi{SPECIAL}there",
+    cfg = part04_cfg(mod, data_dir=str(tmp_path / "data"), block_size=64, prompt=f"Hi{SPECIAL}there",
                    num_samples=1)
     data, _ = mod.load_tokens(cfg, tok, (text, "forged.txt"))
     assert sid not in data.tolist() and tok.decode(data.tolist()) == text
@@ -422,7 +419,7 @@ def test_loading_a_bad_tokenizer_file_raises_and_the_command_line_exits_2(name, 
     path = write(tmp_path / "tok.json", content)
     with pytest.raises(ValueError, match="tok.json is not a BPE tokenizer file"):
         mod.BPETokenizer.load(path)
-    err = expect_exit_2(capsys, mod.build_tokenizer, tiny_cfg(mod, tokenizer="bpe", tokenizer_file=path))
+    err = expect_exit_2(capsys, mod.build_tokenizer, part04_cfg(mod, tokenizer="bpe", tokenizer_file=path))
     assert "tok.json" in err
 
 
@@ -518,7 +515,7 @@ def test_impossible_flags_exit_2_and_write_nothing(name, bad, word, shakespeare,
 @pytest.mark.parametrize("name", ALL)
 def test_two_half_batches_accumulate_to_the_full_batch_gradient(name):
     mod = load(name)
-    cfg = tiny_cfg(mod)
+    cfg = part04_cfg(mod)
     torch.manual_seed(0)
     model = randomize_(mod.GPT(cfg), scale=0.1)
     g = torch.Generator().manual_seed(1)
@@ -560,7 +557,7 @@ def test_train_with_grad_accum_equals_one_double_batch(name, tmp_path, monkeypat
     results = {}
     for accum, bs in [(2, 4), (1, 8)]:
         calls.clear()
-        cfg = tiny_cfg(mod, batch_size=bs, grad_accum=accum, max_steps=1, warmup_steps=0,
+        cfg = part04_cfg(mod, batch_size=bs, grad_accum=accum, max_steps=1, warmup_steps=0,
                        min_lr=1e-3, learning_rate=1e-3, grad_clip=0.0, eval_interval=100,
                        out_dir=str(tmp_path / f"accum{accum}"))
         os.makedirs(cfg.out_dir)
@@ -578,7 +575,7 @@ def test_train_with_grad_accum_equals_one_double_batch(name, tmp_path, monkeypat
         assert torch.allclose(a, b, atol=1e-6, rtol=0)
     assert l2 == pytest.approx(l1, abs=1e-6)
     torch.manual_seed(0)
-    init = list(randomize_(mod.GPT(tiny_cfg(mod)), scale=0.1).parameters())
+    init = list(randomize_(mod.GPT(part04_cfg(mod)), scale=0.1).parameters())
     assert max((a - b).abs().max().item() for a, b in zip(w1, init)) > 1e-4  # a step was taken
 
 
@@ -720,7 +717,7 @@ def half_writing_save(real_save, error):
 @pytest.mark.parametrize("name", ALL)
 def test_a_failed_save_leaves_the_old_checkpoint_whole(name, tmp_path, monkeypatch):
     mod = load(name)
-    cfg = tiny_cfg(mod)
+    cfg = part04_cfg(mod)
     path = str(tmp_path / "ckpt.pt")
     torch.manual_seed(0)
     good = {"model": mod.GPT(cfg).state_dict(), "config": dataclasses.asdict(cfg), "step": 3,
@@ -882,19 +879,17 @@ def test_vocabulary_is_padded_to_a_multiple_of_64(name):
         [64, 64, 128, 256, 320, 320, 320, 4096, 50304]
     for vocab, shape in [(300, dict()), (257, dict(pos="learned", norm="layernorm", mlp="gelu",
                                                     bias=True)), (256, dict(n_kv_head=1))]:
-        cfg = tiny_cfg(mod, vocab_size=vocab, **shape)
+        cfg = part04_cfg(mod, vocab_size=vocab, **shape)
         model = mod.GPT(cfg)
         rows = mod.padded_vocab(vocab)
         assert model.wte.weight.shape == (rows, cfg.n_embd)
         assert model.lm_head.weight is model.wte.weight  # still tied
-        n = mod.count_params(cfg.n_layer, cfg.n_embd, cfg.block_size, vocab,
-                             learned_pos=cfg.pos == "learned", bias=cfg.bias, n_head=cfg.n_head,
-                             n_kv_head=cfg.n_kv_head, mlp=cfg.mlp, norm=cfg.norm)
-        assert model.num_params() == n
-        assert n == mod.count_params(cfg.n_layer, cfg.n_embd, cfg.block_size, rows,
-                                     learned_pos=cfg.pos == "learned", bias=cfg.bias,
-                                     n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, mlp=cfg.mlp,
-                                     norm=cfg.norm)
+        # the padding rows are all the parameters it adds: as many as a model whose vocabulary
+        # fills them, (rows - 256) * C more than a model of 256 tokens (which needs no padding)
+        filled = mod.GPT(dataclasses.replace(cfg, vocab_size=rows))
+        assert model.num_params() == filled.num_params()
+        bytes_only = mod.GPT(dataclasses.replace(cfg, vocab_size=256))
+        assert model.num_params() - bytes_only.num_params() == (rows - 256) * cfg.n_embd
         assert model(torch.zeros(1, 4, dtype=torch.long))[0].shape == (1, 4, rows)
 
 
@@ -902,7 +897,7 @@ def test_vocabulary_is_padded_to_a_multiple_of_64(name):
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_generate_never_returns_padding_ids(name, use_cache):
     mod = load(name)
-    cfg = tiny_cfg(mod, vocab_size=300)
+    cfg = part04_cfg(mod, vocab_size=300)
     torch.manual_seed(0)
     model = randomize_(mod.GPT(cfg), seed=1, scale=0.5).eval()
     with torch.no_grad():
@@ -933,8 +928,8 @@ DDP_RUN = dict(batch_size=4, max_steps=6, eval_interval=3, log_interval=1, warmu
 def test_two_torchrun_processes_equal_one_process(name, shakespeare, tmp_path):
     mod = load(name)
     data = small_corpus(tmp_path, shakespeare)
-    # dense: an MoE's balancing loss is a product of batch means, computed per rank
-    run = dict(DDP_RUN, **({"n_experts": 0} if hasattr(mod.Config(), "n_experts") else {}))
+    # part04's dense model: an MoE's balancing loss is a product of batch means, per rank
+    run = dict(DDP_RUN, **lesson_fields(mod, LESSON))
     r = torchrun(name, run_flags(tmp_path, data, out="ddp", **run))
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     single = mod.main(run_flags(tmp_path, data, out="one", **run))
@@ -983,7 +978,7 @@ def test_torchrun_batch_not_divisible_by_world_exits_2(name, shakespeare, tmp_pa
 def test_flops_per_token_is_6n_plus_attention(name):
     mod = load(name)
     L, C, T, V = 2, 32, 16, 300
-    cfg = tiny_cfg(mod, n_layer=L, n_embd=C, block_size=T, vocab_size=V, pos="learned",
+    cfg = part04_cfg(mod, n_layer=L, n_embd=C, block_size=T, vocab_size=V, pos="learned",
                    norm="layernorm", mlp="gelu", bias=True)
     model = mod.GPT(cfg)
     n = sum(p.numel() for name_, p in model.named_parameters() if not name_.startswith("wpe."))
@@ -992,5 +987,5 @@ def test_flops_per_token_is_6n_plus_attention(name):
     by_hand = Vp * C + L * (12 * C * C + 13 * C) + 2 * C  # embeddings, blocks, final LayerNorm
     assert n == by_hand
     assert model.flops_per_token() == 6 * by_hand + 12 * L * C * T
-    rope = mod.GPT(tiny_cfg(mod, n_layer=L, n_embd=C, block_size=T, vocab_size=V, pos="rope"))
+    rope = mod.GPT(part04_cfg(mod, n_layer=L, n_embd=C, block_size=T, vocab_size=V, pos="rope"))
     assert rope.flops_per_token() == 6 * rope.num_params() + 12 * L * C * T  # no table to drop

@@ -10,6 +10,7 @@ import dataclasses
 import gc
 import math
 import re
+from functools import partial
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import (expect_exit_2, expect_flag_error, load, part_names, perturb_, read_summary,
-                      run_flags, small_corpus, torchrun, train_losses)
+                      run_flags, small_corpus, tiny_cfg, tiny_gpt, tokens, torchrun, train_losses)
 
 ALL = part_names(5)
 
@@ -32,33 +33,18 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-# The modern stack of part03 and an explicit small MoE (defaults may change in later parts).
-MODERN = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=0, window=0, sink=0)
+LESSON = 5
+# An explicit small MoE (defaults may change in later parts), in conftest's tiny model of two heads.
 MOE = dict(n_experts=4, moe_top_k=2, expert_hidden=0, moe_every=1, n_shared_experts=0,
            capacity_factor=0.0, aux_loss_coef=0.01, z_loss_coef=0.001, balance="aux")
-
-
-def tiny_cfg(mod, **kw):
-    fields = {f.name for f in dataclasses.fields(mod.Config)}
-    base = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.0,
-                device="cpu", dtype="float32", batch_size=4, seed=0, flash=True)
-    base.update({k: v for k, v in {**MODERN, **MOE}.items() if k in fields})
-    base.update(kw)
-    return mod.Config(**base)
-
-
-def tiny_gpt(mod, seed=0, **kw):
-    torch.manual_seed(seed)
-    return perturb_(mod.GPT(tiny_cfg(mod, **kw)), seed).eval()
+moe_cfg = partial(tiny_cfg, lesson=LESSON, n_head=2, **MOE)
+moe_gpt = partial(tiny_gpt, lesson=LESSON, n_head=2, **MOE)
 
 
 def tiny_moe(mod, seed=0, **kw):
+    """One MoE layer of moe_cfg, far from uniform routing (perturb_)."""
     torch.manual_seed(seed)
-    return perturb_(mod.MoE(tiny_cfg(mod, **kw)), seed)
-
-
-def tokens(shape, seed=1, vocab=64):
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+    return perturb_(mod.MoE(moe_cfg(mod, **kw)), seed)
 
 
 def randn(*shape, seed=2, dtype=torch.float32):
@@ -180,7 +166,7 @@ def test_router_runs_in_float32_under_autocast(name, k):
 
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("k", [1, 2])
-def test_selection_bias_picks_experts_but_not_gates(name, k):
+def test_routing_offsets_pick_experts_but_not_gates(name, k):
     mod = load(name)
     moe = tiny_moe(mod, moe_top_k=k)
     flat = randn(50, 32)
@@ -191,13 +177,13 @@ def test_selection_bias_picks_experts_but_not_gates(name, k):
     assert (chosen == 3).any(-1).all()
     assert moe.counts[3] == 50
     assert (probs.argmax(-1) != 3).sum() > 10  # the router itself prefers others
-    p = probs.gather(1, chosen)  # the unbiased probabilities of what was chosen
+    p = probs.gather(1, chosen)  # the router's own probabilities of what was chosen
     if k == 1:
         torch.testing.assert_close(gate[:, 0], probs[:, 3], atol=1e-6, rtol=0)
-        assert gate.min() < 0.5  # not softmax(logits + bias), which would be ~1
+        assert gate.min() < 0.5  # not softmax(logits + offset), which would be ~1
     else:
         torch.testing.assert_close(gate, p / p.sum(-1, keepdim=True), atol=1e-6, rtol=0)
-    # the losses see the router's probabilities, not the biased ones
+    # the losses see the router's probabilities, not the offset ones
     f = moe.counts.float() / chosen.numel()
     torch.testing.assert_close(moe.aux_loss, 4 * (f * probs.mean(0)).sum(), atol=1e-6, rtol=0)
 
@@ -243,7 +229,7 @@ def test_dispatch_and_combine_equal_naive_reference(name, k, shared):
     assert (y - want).abs().max() < 1e-10
     assert y.abs().max() > 1e-2
     if shared:  # the shared experts are one SwiGLU as wide as `shared` experts
-        h = mod.expert_hidden(tiny_cfg(mod, moe_top_k=k))
+        h = mod.expert_hidden(moe_cfg(mod, moe_top_k=k))
         assert moe.shared.c_fc.weight.shape == (2 * shared * h, 32)
 
 
@@ -251,13 +237,13 @@ def test_dispatch_and_combine_equal_naive_reference(name, k, shared):
 def test_expert_shapes_and_default_width(name):
     mod = load(name)
     for k, h in ((1, 64), (2, 32), (4, 16)):  # swiglu_hidden(32) = 64, split over k experts
-        cfg = tiny_cfg(mod, moe_top_k=k)
+        cfg = moe_cfg(mod, moe_top_k=k)
         assert mod.swiglu_hidden(32) == 64 and mod.expert_hidden(cfg) == h
         moe = mod.MoE(cfg)
         assert moe.w_in.shape == (4, 32, 2 * h) and moe.w_out.shape == (4, h, 32)
         assert moe.router.weight.shape == (4, 32) and moe.router.bias is None
-    assert mod.expert_hidden(tiny_cfg(mod, moe_top_k=2, expert_hidden=24)) == 24
-    assert mod.expert_hidden(tiny_cfg(mod, n_embd=8, n_head=2, moe_top_k=4)) == 16  # floor of 16
+    assert mod.expert_hidden(moe_cfg(mod, moe_top_k=2, expert_hidden=24)) == 24
+    assert mod.expert_hidden(moe_cfg(mod, n_embd=8, n_head=2, moe_top_k=4)) == 16  # floor of 16
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -469,7 +455,7 @@ def test_fully_dropped_tokens_pass_through(name):
 
     # in a block: the residual stream of a dropped token gets the attention part only
     torch.manual_seed(0)
-    block = perturb_(mod.Block(tiny_cfg(mod, moe_top_k=2, capacity_factor=1.0), layer=0)).eval()
+    block = perturb_(mod.Block(moe_cfg(mod, moe_top_k=2, capacity_factor=1.0), layer=0)).eval()
     assert isinstance(block.mlp, mod.MoE)
     block.mlp.expert_offset.copy_(torch.tensor([50.0, 50.0, 0.0, 0.0]))
     xb = randn(2, 8, 32, seed=9)
@@ -507,7 +493,7 @@ def test_update_offsets_moves_toward_underused_experts(name):
 
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("k", [1, 2])
-def test_bias_balancing_reduces_max_load(name, k):
+def test_offset_balancing_reduces_max_load(name, k):
     mod = load(name)
     moe = tiny_moe(mod, moe_top_k=k)
     with torch.no_grad():
@@ -536,7 +522,7 @@ def test_bias_balancing_reduces_max_load(name, k):
                                                   (5, 4, [0, 0, 0, 0]), (1, 0, [0, 0, 0, 0])])
 def test_moe_every_places_moe_blocks(name, every, n_experts, want):
     mod = load(name)
-    model = mod.GPT(tiny_cfg(mod, n_layer=4, moe_every=every, n_experts=n_experts))
+    model = mod.GPT(moe_cfg(mod, n_layer=4, moe_every=every, n_experts=n_experts))
     got = [int(isinstance(b.mlp, mod.MoE)) for b in model.h]
     assert got == want
     assert model.moe_layers() == [b.mlp for b in model.h if isinstance(b.mlp, mod.MoE)]
@@ -554,7 +540,7 @@ def test_moe_every_places_moe_blocks(name, every, n_experts, want):
 def test_active_params(name, k, every, shared, eh):
     mod = load(name)
     C, L, E = 32, 3, 4
-    cfg = tiny_cfg(mod, n_layer=L, moe_top_k=k, moe_every=every, n_shared_experts=shared,
+    cfg = moe_cfg(mod, n_layer=L, moe_top_k=k, moe_every=every, n_shared_experts=shared,
                    expert_hidden=eh)
     model = mod.GPT(cfg)
     dense = mod.GPT(dataclasses.replace(cfg, n_experts=0))
@@ -583,7 +569,7 @@ def test_router_losses_stay_out_of_the_lm_loss(name, k):
     """forward() returns the language-model loss alone, in training as in evaluation, so the
     logged training and validation curves compare; router_loss() is what training adds."""
     mod = load(name)
-    model = tiny_gpt(mod, moe_top_k=k, n_layer=3, moe_every=1, aux_loss_coef=0.5, z_loss_coef=0.1)
+    model = moe_gpt(mod, moe_top_k=k, n_layer=3, moe_every=1, aux_loss_coef=0.5, z_loss_coef=0.1)
     idx, tgt = tokens((4, 16), seed=3), tokens((4, 16), seed=4)
     model.train()
     logits, train_loss = model(idx, tgt)
@@ -609,7 +595,7 @@ def test_aux_free_balancing_adds_no_switch_loss(name):
     aux_loss_coef says, the training loss holds the z-loss and no Switch term."""
     mod = load(name)
     for balance in ("aux", "aux_free"):
-        model = tiny_gpt(mod, n_layer=2, moe_every=1, aux_loss_coef=0.5, z_loss_coef=0.1,
+        model = moe_gpt(mod, n_layer=2, moe_every=1, aux_loss_coef=0.5, z_loss_coef=0.1,
                          balance=balance).train()
         model(tokens((4, 16), seed=3))
         z_only = sum(0.1 * m.z_loss for m in model.moe_layers())
@@ -625,7 +611,7 @@ def test_every_parameter_gets_a_gradient(name, k, shared, aux):
     """With aux_loss_coef = z_loss_coef = 0 the router still learns: its gradient comes
     through the gates (Switch's p for k = 1, renormalized gates for k = 2)."""
     mod = load(name)
-    model = tiny_gpt(mod, moe_top_k=k, n_shared_experts=shared, aux_loss_coef=aux,
+    model = moe_gpt(mod, moe_top_k=k, n_shared_experts=shared, aux_loss_coef=aux,
                      z_loss_coef=aux / 10, moe_every=1).train()
     idx, tgt = tokens((4, 16), seed=5), tokens((4, 16), seed=6)
     _, loss = model(idx, tgt)
@@ -646,7 +632,7 @@ def test_every_parameter_gets_a_gradient(name, k, shared, aux):
 @pytest.mark.parametrize("name", ALL)
 def test_cached_generation_with_moe_equals_uncached(name):
     mod = load(name)
-    model = tiny_gpt(mod, n_shared_experts=1, moe_every=2)
+    model = moe_gpt(mod, n_shared_experts=1, moe_every=2)
     prompt = tokens((3, 5))
     a = mod.generate(model, prompt, 11, temperature=0, use_cache=True)
     b = mod.generate(model, prompt, 11, temperature=0, use_cache=False)
@@ -659,7 +645,7 @@ def test_compiled_moe_does_not_recompile_as_routing_changes(name, monkeypatch):
     """compile_model leaves the loop over experts (sizes change with the routing) eager; the
     rest compiles once. The `eager` backend traces as torch.compile does, without codegen."""
     mod = load(name)
-    model = tiny_gpt(mod, grouped_mm="false").train()
+    model = moe_gpt(mod, grouped_mm="false").train()
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m: real_compile(m, backend="eager"))
     compiled = mod.compile_model(model)
@@ -671,6 +657,34 @@ def test_compiled_moe_does_not_recompile_as_routing_changes(name, monkeypatch):
             torch.testing.assert_close(loss, model(x, x)[1])
             loss.backward()
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_router_losses_reach_the_router_through_the_compiled_model(name, monkeypatch):
+    """The router losses are tensors the compiled forward leaves on the MoE layers; training
+    adds model.router_loss() to the compiled model's loss. Through AOTAutograd (the
+    `aot_eager` backend: torch.compile's autograd graphs, without codegen) the router's
+    gradient of that sum equals the eager one, and the router losses are part of it."""
+    mod = load(name)
+    model = moe_gpt(mod, grouped_mm="false", aux_loss_coef=0.5, z_loss_coef=0.1).train()
+    x, y = tokens((2, 16), seed=7), tokens((2, 16), seed=8)
+
+    def router_grads(run, with_router_loss=True):
+        model.zero_grad(set_to_none=True)
+        loss = run(x, y)[1]
+        (loss + model.router_loss() if with_router_loss else loss).backward()
+        return [moe.router.weight.grad.clone() for moe in model.moe_layers()]
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m: real_compile(m, backend="aot_eager"))
+    torch._dynamo.reset()
+    compiled = router_grads(mod.compile_model(model))
+    torch._dynamo.reset()
+    eager, lm_only = router_grads(model), router_grads(model, with_router_loss=False)
+    assert len(eager) == 2
+    for c, e, lm in zip(compiled, eager, lm_only):
+        torch.testing.assert_close(c, e, atol=1e-6, rtol=1e-5)
+        assert (e - lm).abs().max() > 0.1 * e.abs().max()  # the router losses' share is real
 
 
 # ---------------------------------------------------------------------------------------
@@ -778,7 +792,7 @@ EP_RUN = dict(tokenizer="byte", n_layer=2, n_experts=4, moe_top_k=2, batch_size=
 
 def test_expert_parallel_training_equals_one_process(shakespeare, tmp_path, monkeypatch):
     """Two torchrun processes with --expert_parallel (DDP for the rest of the model, expert
-    gradients kept out of it and scaled, the global gradient norm for clipping, the bias
+    gradients kept out of it and scaled, the global gradient norm for clipping, the offsets
     balanced on the global load) train loss for loss like one process; the checkpoint holds
     every expert and its Adam moments; a run resumed from one process's checkpoint goes on
     exactly; and the bytes sent per step are reported."""
@@ -879,7 +893,7 @@ def test_expert_parallel_needs_experts_divisible_by_world(shakespeare, tmp_path)
                                          ("moe_every", 2), ("n_shared_experts", 1)])
 def test_checkpoint_of_another_moe_shape_is_refused(name, field, value, tmp_path, capsys):
     mod = load(name)
-    cfg = tiny_cfg(mod)
+    cfg = moe_cfg(mod)
     path = str(tmp_path / "ckpt.pt")
     model = mod.GPT(cfg)
     mod.save_checkpoint(path, {"model": model.state_dict(), "config": dataclasses.asdict(cfg),
@@ -905,8 +919,8 @@ TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16
 @pytest.mark.parametrize("name", ALL)
 def test_expert_load_reports_shares(name, shakespeare):
     mod = load(name)
-    cfg = tiny_cfg(mod, vocab_size=256, batch_size=8, capacity_factor=1.0, moe_every=1)
-    model = tiny_gpt(mod, vocab_size=256, capacity_factor=1.0).train()
+    cfg = moe_cfg(mod, vocab_size=256, batch_size=8, capacity_factor=1.0, moe_every=1)
+    model = moe_gpt(mod, vocab_size=256, capacity_factor=1.0).train()
     data = np.frombuffer(open(shakespeare, "rb").read()[:20_000], dtype=np.uint8)
     layers = mod.expert_load(model, data, cfg, "cpu", torch.float32)
     assert len(layers) == len(model.moe_layers()) == 2
@@ -922,6 +936,16 @@ def test_expert_load_reports_shares(name, shakespeare):
 
 
 def test_milestone_compare(tmp_path, shakespeare):
+    """The milestone's table, from a 30-step run of each model. Its figure, the MoE's lower
+    validation loss at the same active parameters, is a small gap that opens late (README:
+    1.5997 vs 1.6265 nats/byte after 2,000 steps), and a short run cannot show it: after 30
+    steps both models have learned the byte statistics that embeddings and attention carry,
+    and an MoE whose experts output zeros scores within 0.05 of a working one. Run for 400
+    steps (~2.5 s each), the MoE led on 7 seeds of 8, the dense minus the MoE loss ranging
+    from -0.05 to +0.39: a weighted coin, not a test. So this checks what 30 steps can: both
+    models learned (5.55 nats at the start, 3.75-4.3 after 30 steps over 12 seeds), and the
+    MoE is not far behind (at worst 0.17 above the dense loss over those seeds; router-loss
+    coefficients 1000 times too large put it 0.48 above at this seed: the bound is 0.3)."""
     mod = load("part05")
     out = tmp_path / "out"
     s = mod.main(TINY + ["--compare", "--data", shakespeare, "--data_dir", str(tmp_path / "data"),
@@ -935,9 +959,10 @@ def test_milestone_compare(tmp_path, shakespeare):
     for r in rows.values():
         assert keys <= set(r)
         assert r["tokens_per_s"] > 0 and r["steps"] == 30
-        assert math.isfinite(r["val_loss"]) and r["val_loss"] < math.log(256)
+        assert math.isfinite(r["val_loss"]) and r["val_loss"] < math.log(256) - 1.0
         assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) / s["bytes_per_token"])
     dense, moe = rows["dense"], rows["moe"]
+    assert moe["val_loss"] < dense["val_loss"] + 0.3
     assert dense["total_params"] == dense["active_params"]
     assert dense["load_min"] is None and dense["layers"] == [] and dense["dropped_pct"] == 0
     assert moe["total_params"] > dense["total_params"]
@@ -950,10 +975,10 @@ def test_milestone_compare(tmp_path, shakespeare):
     assert (out / "compare" / "dense").is_dir() and (out / "compare" / "moe").is_dir()
 
 
-@pytest.mark.parametrize("extra,bias", [([], False),
+@pytest.mark.parametrize("extra,aux_free", [([], False),
                                         (["--balance", "aux_free", "--balance_rate", "0.01",
                                           "--moe_top_k", "1", "--capacity_factor", "1.25"], True)])
-def test_main_trains_an_moe(tmp_path, shakespeare, extra, bias):
+def test_main_trains_an_moe(tmp_path, shakespeare, extra, aux_free):
     mod = load("part05")
     out = tmp_path / "out"
     s = mod.main(TINY + ["--data", shakespeare, "--data_dir", str(tmp_path / "data"),
@@ -964,18 +989,18 @@ def test_main_trains_an_moe(tmp_path, shakespeare, extra, bias):
     assert read_summary(out)["val_loss"] == s["val_loss"]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     sd = ckpt["model"]
-    biases = [v for k, v in sd.items() if k.endswith("expert_offset")]
-    assert len(biases) == 2
+    offsets = [v for k, v in sd.items() if k.endswith("expert_offset")]
+    assert len(offsets) == 2
     routers = [k for k in sd if k.endswith("router.weight")]
     assert len(routers) == 2 and all(sd[k].dtype == torch.float32 for k in routers)
-    if bias:  # the bias moved in steps of balance_rate, at most one per step
-        for b in biases:
+    if aux_free:  # the offsets moved in steps of balance_rate, at most one per step
+        for b in offsets:
             assert b.abs().max() > 0
             steps = b / 0.01
             torch.testing.assert_close(steps, steps.round(), atol=1e-3, rtol=0)
             assert b.abs().max() <= 40 * 0.01 + 1e-6
     else:
-        assert all(torch.equal(b, torch.zeros(4)) for b in biases)
-    cfg = tiny_cfg(mod, vocab_size=256, **({"moe_top_k": 1} if bias else {}))
+        assert all(torch.equal(b, torch.zeros(4)) for b in offsets)
+    cfg = moe_cfg(mod, vocab_size=256, **({"moe_top_k": 1} if aux_free else {}))
     model = mod.GPT(cfg)
     assert s["params"] == model.num_params()
