@@ -33,6 +33,7 @@ import platform
 import random
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Literal, get_args, get_origin
@@ -216,9 +217,33 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+def json_safe(obj):
+    """obj with NaN and infinities as None: strict JSON, which every reader accepts."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(json_safe(obj), f, indent=2, allow_nan=False)
+
+
+def writable_dir(path, flag):
+    """Make the folder a flag names, or end with one line saying why it cannot be: checked
+    before any data is read or any model built."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        die(f"{flag} {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        die(f"{flag} {path}: cannot write there ({e.strerror or e})")
 
 
 # ----------------------------------------------------------------------------------------
@@ -475,6 +500,8 @@ def in_range(cfg, low, high, *names):
 def validate(cfg):
     """Ranges and the rules that tie flags together; choices and finite floats were checked
     while parsing."""
+    if not 0 <= cfg.seed < 2**63:
+        die(f"--seed must be in [0, 2**63), got {cfg.seed}")
     in_range(cfg, 1, None, "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size")
     in_range(cfg, 0, None, "params")
     if cfg.n_embd % cfg.n_head:
@@ -495,6 +522,7 @@ def fmt_seconds(s):
 def main(argv=None):
     cfg = parse_args(argv)
     validate(cfg)
+    writable_dir(cfg.out_dir, "--out_dir")  # now, not after the benchmarks
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
@@ -541,4 +569,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves first): one line, not a traceback
+        print("\nstopped (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

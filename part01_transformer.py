@@ -40,6 +40,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Literal, get_args, get_origin
@@ -227,9 +228,33 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+def json_safe(obj):
+    """obj with NaN and infinities as None: strict JSON, which every reader accepts."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(json_safe(obj), f, indent=2, allow_nan=False)
+
+
+def writable_dir(path, flag):
+    """Make the folder a flag names, or end with one line saying why it cannot be: checked
+    before any data is read or any model built."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        die(f"{flag} {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        die(f"{flag} {path}: cannot write there ({e.strerror or e})")
 
 
 # ----------------------------------------------------------------------------------------
@@ -556,6 +581,8 @@ def in_range(cfg, low, high, *names):
 def validate(cfg):
     """Ranges and the rules that tie flags together; choices and finite floats were checked
     while parsing."""
+    if not 0 <= cfg.seed < 2**63:
+        die(f"--seed must be in [0, 2**63), got {cfg.seed}")
     in_range(cfg, 1, None, "n_layer", "n_head", "n_embd", "block_size", "max_steps", "log_interval")
     in_range(cfg, 256, None, "vocab_size")  # every byte needs an id
     in_range(cfg, 0, 1, "dropout")
@@ -565,6 +592,34 @@ def validate(cfg):
         die(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
     if cfg.pos == "sinusoidal" and cfg.n_embd % 2:
         die(f"--pos sinusoidal needs an even --n_embd, got {cfg.n_embd}")
+
+
+def free_memory(device):
+    """Bytes this device can still give, or None where unknown."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # Linux
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_fits(cfg, device):
+    """Refuse a model that cannot fit, before allocating it: weights, gradients and AdamW's
+    two moments (16 bytes a parameter), plus one step's activations as part00 estimates
+    them, against the memory the device has free. The parameters are counted on the meta
+    device (shapes, no storage), from a few blocks when there are many."""
+    with torch.device("meta"):
+        small = GPT(dataclasses.replace(cfg, n_layer=min(cfg.n_layer, 4)))
+    per_block = sum(p.numel() for b in small.h for p in b.parameters()) / len(small.h)
+    n = small.num_params() + (cfg.n_layer - len(small.h)) * per_block
+    L, C, T, B, V = cfg.n_layer, cfg.n_embd, cfg.block_size, 1, cfg.vocab_size  # one text
+    activations = L * B * T * C * 34 * 4 + B * T * V * 8  # float32; logits and their gradient
+    need, free = 16 * n + activations, free_memory(device)
+    if free is not None and need > free:
+        die(f"this model needs about {need / 1e9:,.1f} GB ({n / 1e6:,.1f}M parameters) and "
+            f"{device} has {free / 1e9:,.1f} GB free: shrink --n_layer, --n_embd or --block_size")
 
 
 def main(argv=None):
@@ -582,7 +637,8 @@ def main(argv=None):
             f"{cfg.block_size} + 1 (raise --block_size)")
     if cfg.vocab_size < 256:
         die(f"--vocab_size must be at least 256 to hold every byte, got {cfg.vocab_size}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    writable_dir(cfg.out_dir, "--out_dir")
+    check_fits(cfg, device)
     t0 = time.perf_counter()
 
     if cfg.explain:
@@ -632,4 +688,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves first): one line, not a traceback
+        print("\nstopped (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

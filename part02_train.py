@@ -39,11 +39,17 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Literal, get_args, get_origin
 
+try:  # POSIX: file locks for the run folder
+    import fcntl
+except ImportError:
+    fcntl = None
 import numpy as np
 import requests
 import torch
@@ -87,6 +93,7 @@ class Config:
     eval_interval: int = 250  # evaluate (and checkpoint at a new best) every this many steps
     eval_iters: int = 20  # batches per split in each evaluation
     log_interval: int = 50  # print a progress line every this many steps
+    overwrite: bool = False  # start over in an --out_dir that holds a run (its files are removed)
     # sampling
     sample_only: bool = False  # load out_dir/ckpt.pt and sample, without training
     prompt: str = ""  # text to continue; empty = start from a newline
@@ -246,9 +253,33 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+def json_safe(obj):
+    """obj with NaN and infinities as None: strict JSON, which every reader accepts."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(json_safe(obj), f, indent=2, allow_nan=False)
+
+
+def writable_dir(path, flag):
+    """Make the folder a flag names, or end with one line saying why it cannot be: checked
+    before any data is read or any model built."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        die(f"{flag} {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        die(f"{flag} {path}: cannot write there ({e.strerror or e})")
 
 
 # ----------------------------------------------------------------------------------------
@@ -313,13 +344,25 @@ def load_text(cfg):
             die(f"--data {spec}: the folder holds no .txt file")
         parts = []
         for f in files:
-            with open(os.path.join(spec, f), encoding="utf-8", errors="replace") as fh:
-                parts.append(fh.read())
+            with open(os.path.join(spec, f), "rb") as fh:
+                parts.append(decode_text(fh.read(), os.path.join(spec, f)))
         return "\n\n".join(parts), spec
-    if not os.path.isfile(spec):
+    if not os.path.exists(spec):
         die(f"--data {spec}: no such file or folder")
-    with open(spec, encoding="utf-8", errors="replace") as f:
-        return f.read(), spec
+    if not os.path.isfile(spec):
+        die(f"--data {spec}: not a regular file or a folder")
+    with open(spec, "rb") as f:
+        return decode_text(f.read(), spec), spec
+
+
+def decode_text(raw, name):
+    """UTF-8 bytes -> text. What is not UTF-8 becomes U+FFFD, and the run says how much."""
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.count("\ufffd".encode())
+    if bad:
+        print(f"note: --data {name}: {bad:,} byte sequences of {len(raw):,} bytes are not UTF-8 "
+              "text (read as U+FFFD)")
+    return text
 
 
 def load_tokens(cfg, tokenizer):
@@ -327,12 +370,14 @@ def load_tokens(cfg, tokenizer):
     text, name = load_text(cfg)
     key = hashlib.sha1(f"{tokenizer.name}:{len(text)}:".encode() + text.encode()).hexdigest()[:12]
     dtype = np.uint8 if tokenizer.vocab_size <= 256 else np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
-    path = os.path.join(cfg.data_dir, f"tokens-{key}.{tokenizer.name}.bin")
-    if not os.path.exists(path):
+    path = os.path.join(cfg.data_dir, f"tokens-{key}.{tokenizer.name}.npy")
+    try:  # the .npy header records dtype and length: a cut or foreign file fails here, then is rebuilt
+        data = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
         ids = np.array(tokenizer.encode(text), dtype=dtype)
-        with atomic_path(path) as tmp:  # torchrun: every rank may write it
-            ids.tofile(tmp)
-    data = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # torchrun: every rank may write it
+            np.save(f, ids)
+        data = np.load(path, mmap_mode="r")
     if len(data) < 10 * (cfg.block_size + 1):  # 10% of it must still hold one window
         die(f"--data {name}: {len(data)} tokens is too short for --block_size {cfg.block_size} "
             f"(at least {10 * (cfg.block_size + 1)} needed for a 90/10 split)")
@@ -574,17 +619,31 @@ def estimate_loss(model, splits, cfg, device, dtype):
 
 
 def save_checkpoint(path, ckpt):
-    """Write to a temp file, then rename: a crash mid-save leaves the old checkpoint whole."""
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    """Write to a temp file, then rename: a crash mid-save leaves the old checkpoint whole,
+    and a write that fails (a full disk) ends the run with one line."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(ckpt, tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        full = shutil.disk_usage(os.path.dirname(path) or ".").free < (1 << 26)
+        why = "no space left on device" if full else str(e).strip().splitlines()[0]
+        die(f"could not write {path}: {why}; the previous checkpoint is intact")
 
 
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pos", "bias")
 
 
+def check_finite(loss, step):
+    """A loss that turned NaN or infinite does not come back: stop now, with one line, and
+    keep the checkpoints saved before it."""
+    if not math.isfinite(loss):
+        die(f"training diverged: the loss is {loss} at step {step}; the checkpoints saved "
+            "before it are kept (a lower --learning_rate may help)")
+
+
 def load_checkpoint(path, cfg, device):
     """Read a checkpoint (tensors and plain values only: weights_only=True runs no code)
-    and check that it holds the model shape this run asks for."""
+    and check that it holds the model this run asks for."""
     if not os.path.exists(path):
         die(f"no checkpoint at {path}: train first, or point --out_dir at a run")
     try:
@@ -593,10 +652,22 @@ def load_checkpoint(path, cfg, device):
         die(f"{path} is not a readable checkpoint ({type(e).__name__})")
     if not (isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt):
         die(f"{path} is not a checkpoint of this project")
-    diff = [f"--{k} {ckpt['config'].get(k)} (this run: {getattr(cfg, k)})"
-            for k in SHAPE_FIELDS if ckpt["config"].get(k) != getattr(cfg, k)]
-    if diff:
-        die(f"{path} holds another model shape; pass {', '.join(diff)}")
+    saved, fields = ckpt["config"], {f.name: f.type for f in dataclasses.fields(cfg)}
+    other = [k for k in SHAPE_FIELDS if k in saved and saved[k] != getattr(cfg, k)]
+    foreign = [k for k in other if get_origin(fields[k]) is Literal and saved[k] not in get_args(fields[k])]
+    if foreign:  # a later part's option: no flag of this part gives it
+        die(f"{path} was written by another part ({', '.join(f'{k}={saved[k]}' for k in foreign)}); "
+            "this part cannot load it")
+    if other:
+        die(f"{path} holds another model shape; pass "
+            + ", ".join(f"--{k} {saved[k]} (this run: {getattr(cfg, k)})" for k in other))
+    with torch.device("meta"):  # the names and shapes this part's model has, without memory
+        want = {k: v.shape for k, v in GPT(cfg).state_dict().items()}
+    got = {k: v.shape for k, v in ckpt["model"].items()}
+    if got != want:
+        odd = sorted(set(got) ^ set(want)) or [k for k in want if got[k] != want[k]]
+        die(f"{path} holds the weights of another model (e.g. {odd[0]}): another part or other "
+            "flags wrote it")
     return ckpt
 
 
@@ -622,6 +693,7 @@ def train(model, train_data, val_data, cfg, device, dtype):
 
         if step % cfg.log_interval == 0 or step == 1:
             loss_f = loss.item()  # the one host sync of a logged step
+            check_finite(loss_f, step)
             elapsed = time.perf_counter() - t0
             if step == 1:  # one-off costs (CUDA start-up, kernel choice) stay out of the rates
                 first_s = elapsed
@@ -635,6 +707,7 @@ def train(model, train_data, val_data, cfg, device, dtype):
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             t_eval = time.perf_counter()
             losses = estimate_loss(model, {"train": train_data, "val": val_data}, cfg, device, dtype)
+            check_finite(losses["val"], step)
             best = losses["val"] < best_val
             if best:
                 best_val = losses["val"]
@@ -714,6 +787,8 @@ def in_range(cfg, low, high, *names):
 def validate(cfg):
     """Ranges and the rules that tie flags together; choices and finite floats were checked
     while parsing."""
+    if not 0 <= cfg.seed < 2**63:
+        die(f"--seed must be in [0, 2**63), got {cfg.seed}")
     in_range(cfg, 1, None, "n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_steps",
              "eval_interval", "eval_iters", "log_interval", "num_samples")
     in_range(cfg, 256, None, "vocab_size")  # every byte needs an id
@@ -723,10 +798,77 @@ def validate(cfg):
         die(f"--learning_rate must be positive, got {cfg.learning_rate}")
     if not 0 < cfg.top_p <= 1:
         die(f"--top_p must be in (0, 1], got {cfg.top_p}")
+    try:
+        cfg.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8
+        die("--prompt is not UTF-8 text")
     if cfg.n_embd % cfg.n_head:
         die(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
     if cfg.pos == "sinusoidal" and cfg.n_embd % 2:
         die(f"--pos sinusoidal needs an even --n_embd, got {cfg.n_embd}")
+
+
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "summary.json", "samples.txt")
+_run_locks = {}  # lock path -> the open lock file of this process's run there
+
+
+def claim_run_folder(cfg):
+    """A run folder holds one run. A second run in it at the same time is refused (a lock
+    that lasts while this process lives), and so is a new run over an earlier one unless
+    --overwrite says to start over: its files are then removed first."""
+    writable_dir(cfg.out_dir, "--out_dir")
+    path = os.path.join(cfg.out_dir, "run.lock")
+    if path in _run_locks:  # an earlier main() of this process: that run is over
+        _run_locks.pop(path).close()
+    lock = open(path, "a+")
+    if fcntl is not None:  # POSIX; elsewhere runs are not locked
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            die(f"--out_dir {cfg.out_dir} is in use by another run (process {holder}); "
+                "wait for it to end or pick another --out_dir")
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    _run_locks[path] = lock
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, f))]
+    if found and not cfg.overwrite:
+        die(f"--out_dir {cfg.out_dir} holds a run ({', '.join(found)}): pass --overwrite to "
+            "start over, or pick another --out_dir")
+    for f in found:
+        os.remove(os.path.join(cfg.out_dir, f))
+
+
+def free_memory(device):
+    """Bytes this device can still give, or None where unknown."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # Linux
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_fits(cfg, device):
+    """Refuse a model that cannot fit, before allocating it: weights, gradients and AdamW's
+    two moments (16 bytes a parameter), plus one step's activations as part00 estimates
+    them, against the memory the device has free. The parameters are counted on the meta
+    device (shapes, no storage), from a few blocks when there are many."""
+    with torch.device("meta"):
+        small = GPT(dataclasses.replace(cfg, n_layer=min(cfg.n_layer, 4)))
+    per_block = sum(p.numel() for b in small.h for p in b.parameters()) / len(small.h)
+    n = small.num_params() + (cfg.n_layer - len(small.h)) * per_block
+    L, C, T, B, V = cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.batch_size, cfg.vocab_size
+    activations = L * B * T * C * 34 * 4 + B * T * V * 8  # float32; logits and their gradient
+    need, free = 16 * n + activations, free_memory(device)
+    if free is not None and need > free:
+        die(f"this model needs about {need / 1e9:,.1f} GB ({n / 1e6:,.1f}M parameters, batch "
+            f"{B} x {T}) and {device} has {free / 1e9:,.1f} GB free: shrink --n_layer, --n_embd, "
+            "--block_size or --batch_size")
 
 
 def main(argv=None):
@@ -748,9 +890,11 @@ def main(argv=None):
             print(text + "\n" + "-" * 80)
         return None
 
+    claim_run_folder(cfg)  # before reading the data: a busy or finished run stops here
+    writable_dir(cfg.data_dir, "--data_dir")
+    check_fits(cfg, device)
     data, name = load_tokens(cfg, tokenizer)
     train_data, val_data = split_data(data)
-    os.makedirs(cfg.out_dir, exist_ok=True)
     model = GPT(cfg).to(device)
     print(f"data: {name}, {len(data):,} tokens ({len(train_data):,} train, {len(val_data):,} val)")
     print(f"model: {model.num_params():,} parameters; device {device}, "
@@ -777,4 +921,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves first): one line, not a traceback
+        print("\nstopped (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

@@ -37,6 +37,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import datetime
 import gc
 import functools
 import hashlib
@@ -48,12 +49,18 @@ import os
 import random
 import re
 import signal
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from typing import Literal, get_args, get_origin
 
+try:  # POSIX: file locks for the run folder
+    import fcntl
+except ImportError:
+    fcntl = None
 import numpy as np
 import regex
 import requests
@@ -119,6 +126,7 @@ class Config:
     eval_interval: int = 250  # evaluate (and checkpoint at a new best) every this many steps
     eval_iters: int = 20  # batches per split in each evaluation
     log_interval: int = 50  # print a progress line every this many steps
+    overwrite: bool = False  # start over in an --out_dir that holds a run (its files are removed)
     max_seconds: float = 0.0  # stop after this many seconds of training steps (0 = run max_steps)
     grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
     warmup_steps: int = 100  # linear learning-rate warmup
@@ -127,6 +135,7 @@ class Config:
     resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
     tensorboard: bool = False  # also log to out_dir/tensorboard (needs the tensorboard package)
     compile: Literal["auto", "true", "false"] = "auto"  # torch.compile the model (auto: on for CUDA)
+    dist_timeout: float = 300.0  # torchrun: seconds to wait for the other processes before stopping
     compare: bool = False  # the milestone: dense vs MoE with equal active parameters
     # sampling
     sample_only: bool = False  # load out_dir/ckpt.pt and sample, without training
@@ -145,8 +154,10 @@ class Config:
 # Utilities: errors, command line, device and dtype, autocast, seeding, timing
 # ----------------------------------------------------------------------------------------
 def die(msg):
-    """A user's mistake: one clear line on stderr, exit status 2, no traceback."""
-    print(f"error: {msg}", file=sys.stderr)
+    """A user's mistake: one clear line on stderr, exit status 2, no traceback. Under
+    torchrun every process meets the same mistake, and rank 0 alone says it."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -290,9 +301,33 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+def json_safe(obj):
+    """obj with NaN and infinities as None: strict JSON, which every reader accepts."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(json_safe(obj), f, indent=2, allow_nan=False)
+
+
+def writable_dir(path, flag):
+    """Make the folder a flag names, or end with one line saying why it cannot be: checked
+    before any data is read or any model built."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        die(f"{flag} {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        die(f"{flag} {path}: cannot write there ({e.strerror or e})")
 
 
 GPU_BF16_PEAK = [  # dense bf16 tensor-core FLOP/s from the vendors' data sheets
@@ -310,18 +345,19 @@ def gpu_peak_flops(device):
     return next((peak for key, peak in GPU_BF16_PEAK if key in name), None)
 
 
-def setup_distributed():
+def setup_distributed(timeout):
     """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL with one GPU per
-    process where CUDA is available, gloo on CPUs. Returns (rank, world size, device)."""
+    process where CUDA is available, gloo on CPUs; a collective that waits `timeout` seconds
+    for a process fails instead of hanging. Returns (rank, world size, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, None
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=timeout))
         return rank, world, f"cuda:{local_rank}"
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
     return rank, world, "cpu"
 
 
@@ -638,13 +674,25 @@ def load_text(cfg):
             die(f"--data {spec}: the folder holds no .txt file")
         parts = []
         for f in files:
-            with open(os.path.join(spec, f), encoding="utf-8", errors="replace") as fh:
-                parts.append(fh.read())
+            with open(os.path.join(spec, f), "rb") as fh:
+                parts.append(decode_text(fh.read(), os.path.join(spec, f)))
         return "\n\n".join(parts), spec
-    if not os.path.isfile(spec):
+    if not os.path.exists(spec):
         die(f"--data {spec}: no such file or folder")
-    with open(spec, encoding="utf-8", errors="replace") as f:
-        return f.read(), spec
+    if not os.path.isfile(spec):
+        die(f"--data {spec}: not a regular file or a folder")
+    with open(spec, "rb") as f:
+        return decode_text(f.read(), spec), spec
+
+
+def decode_text(raw, name):
+    """UTF-8 bytes -> text. What is not UTF-8 becomes U+FFFD, and the run says how much."""
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.count("\ufffd".encode())
+    if bad:
+        print(f"note: --data {name}: {bad:,} byte sequences of {len(raw):,} bytes are not UTF-8 "
+              "text (read as U+FFFD)")
+    return text
 
 
 def load_tokens(cfg, tokenizer, source=None):
@@ -653,12 +701,14 @@ def load_tokens(cfg, tokenizer, source=None):
     text, name = source or load_text(cfg)
     key = hashlib.sha1(f"{tokenizer.name}:{len(text)}:".encode() + text.encode()).hexdigest()[:12]
     dtype = np.uint8 if tokenizer.vocab_size <= 256 else np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
-    path = os.path.join(cfg.data_dir, f"tokens-{key}.{tokenizer.name}.bin")
-    if not os.path.exists(path):
+    path = os.path.join(cfg.data_dir, f"tokens-{key}.{tokenizer.name}.npy")
+    try:  # the .npy header records dtype and length: a cut or foreign file fails here, then is rebuilt
+        data = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
         ids = np.array(tokenizer.encode(text), dtype=dtype)
-        with atomic_path(path) as tmp:  # torchrun: every rank may write it
-            ids.tofile(tmp)
-    data = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # torchrun: every rank may write it
+            np.save(f, ids)
+        data = np.load(path, mmap_mode="r")
     if len(data) < 10 * (cfg.block_size + 1):  # 10% of it must still hold one window
         die(f"--data {name}: {len(data)} tokens is too short for --block_size {cfg.block_size} "
             f"(at least {10 * (cfg.block_size + 1)} needed for a 90/10 split)")
@@ -1405,9 +1455,15 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, ckpt):
-    """Write to a temp file, then rename: a crash mid-save leaves the old checkpoint whole."""
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    """Write to a temp file, then rename: a crash mid-save leaves the old checkpoint whole,
+    and a write that fails (a full disk) ends the run with one line."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(ckpt, tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        full = shutil.disk_usage(os.path.dirname(path) or ".").free < (1 << 26)
+        why = "no space left on device" if full else str(e).strip().splitlines()[0]
+        die(f"could not write {path}: {why}; the previous checkpoint is intact")
 
 
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pos", "bias",
@@ -1415,9 +1471,17 @@ SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pos"
                 "moe_every", "n_shared_experts")
 
 
-def load_checkpoint(path, cfg, device):
+def check_finite(loss, step):
+    """A loss that turned NaN or infinite does not come back: stop now, with one line, and
+    keep the checkpoints saved before it."""
+    if not math.isfinite(loss):
+        die(f"training diverged: the loss is {loss} at step {step}; the checkpoints saved "
+            "before it are kept (a lower --learning_rate may help)")
+
+
+def load_checkpoint(path, cfg, device, resume=False):
     """Read a checkpoint (tensors and plain values only: weights_only=True runs no code)
-    and check that it holds the model shape this run asks for."""
+    and check that it holds the model this run asks for (and, to resume, all the rest)."""
     if not os.path.exists(path):
         die(f"no checkpoint at {path}: train first, or point --out_dir at a run")
     try:
@@ -1426,10 +1490,25 @@ def load_checkpoint(path, cfg, device):
         die(f"{path} is not a readable checkpoint ({type(e).__name__})")
     if not (isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt):
         die(f"{path} is not a checkpoint of this project")
-    diff = [f"--{k} {ckpt['config'].get(k)} (this run: {getattr(cfg, k)})"
-            for k in SHAPE_FIELDS if ckpt["config"].get(k) != getattr(cfg, k)]
-    if diff:
-        die(f"{path} holds another model shape; pass {', '.join(diff)}")
+    saved, fields = ckpt["config"], {f.name: f.type for f in dataclasses.fields(cfg)}
+    other = [k for k in SHAPE_FIELDS if k in saved and saved[k] != getattr(cfg, k)]
+    foreign = [k for k in other if get_origin(fields[k]) is Literal and saved[k] not in get_args(fields[k])]
+    if foreign:  # a later part's option: no flag of this part gives it
+        die(f"{path} was written by another part ({', '.join(f'{k}={saved[k]}' for k in foreign)}); "
+            "this part cannot load it")
+    if other:
+        die(f"{path} holds another model shape; pass "
+            + ", ".join(f"--{k} {saved[k]} (this run: {getattr(cfg, k)})" for k in other))
+    with torch.device("meta"):  # the names and shapes this part's model has, without memory
+        want = {k: v.shape for k, v in GPT(cfg).state_dict().items()}
+    got = {k: v.shape for k, v in ckpt["model"].items()}
+    if got != want:
+        odd = sorted(set(got) ^ set(want)) or [k for k in want if got[k] != want[k]]
+        die(f"{path} holds the weights of another model (e.g. {odd[0]}): another part or other "
+            "flags wrote it")
+    missing = [k for k in ("optimizer", "scaler", "step", "best_val", "rng") if k not in ckpt]
+    if resume and missing:
+        die(f"{path} cannot be resumed here (it has no {', '.join(missing)}: an earlier part wrote it)")
     return ckpt
 
 
@@ -1509,6 +1588,27 @@ def catch_ctrl_c():
             signal.signal(signal.SIGINT, old_handler)
 
 
+def read_metrics(path):
+    """The rows of a metrics.jsonl; a line cut short (a run killed mid-write) is skipped."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return [r for r in rows if isinstance(r, dict) and "step" in r]
+
+
+def keep_metrics_until(path, step):
+    """A resumed run goes on from its checkpoint's step: rows logged after it (they will be
+    logged again) and a line cut short go, so the file reads as one run."""
+    if os.path.exists(path):
+        rows = [r for r in read_metrics(path) if r["step"] <= step]
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
 class Progress:
     """4.5 A run's figures: at each logged step and each evaluation a progress line and a
     metrics.jsonl row (and TensorBoard scalars with --tensorboard), on rank 0. Tokens/s and
@@ -1525,8 +1625,10 @@ class Progress:
         self.last = {}  # the last logged step's row
         self.metrics = self.writer = None
         if main_proc:
-            self.metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if append else "w",
-                                buffering=1)
+            path = os.path.join(cfg.out_dir, "metrics.jsonl")
+            if append:
+                keep_metrics_until(path, first_step)
+            self.metrics = open(path, "a" if append else "w", buffering=1)
             if cfg.tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -1572,7 +1674,7 @@ class Progress:
                            + (f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4f}") for k, v in figures.items())
         print(f"step {step:5d}/{self.cfg.max_steps} | {shown} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
               + (f" | MFU {mfu:.1%}" if mfu is not None else "") + f" | {elapsed:.0f}s, ETA {eta:.0f}s")
-        self.metrics.write(json.dumps(self.last) + "\n")
+        self.metrics.write(json.dumps(json_safe(self.last), allow_nan=False) + "\n")
         if self.writer:
             for k, v in {**figures, "lr": lr}.items():
                 self.writer.add_scalar(f"train/{k.removeprefix('train_')}", v, step)
@@ -1582,8 +1684,8 @@ class Progress:
             return
         print(f"eval {step:5d} | train {losses['train']:.4f} | val {losses['val']:.4f} nats/token"
               f" = {bits_per_byte(losses['val'], bytes_per_token):.3f} bpb{' | saved best.pt' if best else ''}")
-        self.metrics.write(json.dumps({"step": step, "eval_train_loss": losses["train"],
-                                       "val_loss": losses["val"]}) + "\n")
+        self.metrics.write(json.dumps(json_safe({"step": step, "eval_train_loss": losses["train"],
+                                                 "val_loss": losses["val"]}), allow_nan=False) + "\n")
         if self.writer:
             self.writer.add_scalar("val/loss", losses["val"], step)
 
@@ -1645,11 +1747,13 @@ def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, 
             last = stop or step == cfg.max_steps
             if step % cfg.log_interval == 0 or step == progress.first_step + 1 or last:
                 progress.log_step(step, lr, mean_over_ranks(figures))
+                check_finite(progress.last["train_loss"], step)
             if step % cfg.eval_interval == 0 or last:
                 with progress.evaluating():
                     losses = estimate_loss(raw, {"train": train_data, "val": val_data}, cfg, device, dtype)
                     if world > 1:
                         losses = rank0_losses(losses, device)
+                    check_finite(losses["val"], step)
                     best = losses["val"] < best_val
                     if best:
                         best_val = losses["val"]
@@ -1658,6 +1762,7 @@ def train(model, train_data, val_data, cfg, device, dtype, bytes_per_token=1.0, 
                             save_checkpoint(best_path, state)
                 progress.log_eval(step, losses, best, bytes_per_token)
             if step % cfg.ckpt_interval == 0 or last:
+                check_finite(figures["train_loss"].item(), step)  # never save a diverged model
                 state = run_state(raw, opt, scaler, cfg, step, best_val, extra)
                 if rank == 0:
                     save_checkpoint(ckpt_path, state)
@@ -1680,8 +1785,7 @@ def plot_losses(out_dir):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("train_loss", "train"), ("val_loss", "val")):
         points = [(r["step"], r[key]) for r in rows if key in r]
@@ -2253,6 +2357,8 @@ def in_range(cfg, low, high, *names):
 def validate(cfg):
     """Ranges and the rules that tie flags together; choices and finite floats were checked
     while parsing."""
+    if not 0 <= cfg.seed < 2**63:
+        die(f"--seed must be in [0, 2**63), got {cfg.seed}")
     in_range(cfg, 1, None, "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
              "max_steps", "eval_interval", "eval_iters", "log_interval", "num_samples", "grad_accum",
              "ckpt_interval", "moe_every")
@@ -2261,10 +2367,16 @@ def validate(cfg):
              "expert_hidden", "n_shared_experts", "capacity_factor", "aux_loss_coef", "z_loss_coef",
              "balance_rate")
     in_range(cfg, 0, 1, "dropout", "beta1", "beta2")
-    if cfg.learning_rate <= 0:
-        die(f"--learning_rate must be positive, got {cfg.learning_rate}")
+    if cfg.learning_rate <= 0 or cfg.dist_timeout <= 0:
+        die("--learning_rate and --dist_timeout must be positive")
+    if cfg.resume and cfg.overwrite:
+        die("--resume continues the run in --out_dir, --overwrite starts over: pick one")
     if not 0 < cfg.top_p <= 1:
         die(f"--top_p must be in (0, 1], got {cfg.top_p}")
+    try:
+        cfg.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8
+        die("--prompt is not UTF-8 text")
     if cfg.n_embd % cfg.n_head:
         die(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
     if cfg.pos == "rope" and (cfg.n_embd // cfg.n_head) % 2:
@@ -2295,10 +2407,73 @@ def validate(cfg):
         die(f"--export_hf: {hf_refusal(cfg)}")
 
 
+RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "summary.json", "samples.txt", "loss.png")
+_run_locks = {}  # lock path -> the open lock file of this process's run there
+
+
+def claim_run_folder(cfg):
+    """A run folder holds one run. A second run in it at the same time is refused (a lock
+    that lasts while this process lives), and so is a new run over an earlier one unless
+    --overwrite says to start over: its files are then removed first."""
+    writable_dir(cfg.out_dir, "--out_dir")
+    path = os.path.join(cfg.out_dir, "run.lock")
+    if path in _run_locks:  # an earlier main() of this process: that run is over
+        _run_locks.pop(path).close()
+    lock = open(path, "a+")
+    if fcntl is not None:  # POSIX; elsewhere runs are not locked
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            die(f"--out_dir {cfg.out_dir} is in use by another run (process {holder}); "
+                "wait for it to end or pick another --out_dir")
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    _run_locks[path] = lock
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, f))]
+    if found and not (cfg.overwrite or cfg.resume):
+        die(f"--out_dir {cfg.out_dir} holds a run ({', '.join(found)}): pass --resume to "
+            "continue it, --overwrite to start over, or pick another --out_dir")
+    for f in found if cfg.overwrite else ():
+        os.remove(os.path.join(cfg.out_dir, f))
+
+
+def free_memory(device):
+    """Bytes this device can still give, or None where unknown."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # Linux
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_fits(cfg, device):
+    """Refuse a model that cannot fit, before allocating it: weights, gradients and AdamW's
+    two moments (16 bytes a parameter), plus one step's activations as part00 estimates
+    them, against the memory the device has free. The parameters are counted on the meta
+    device (shapes, no storage), from a few blocks when there are many."""
+    with torch.device("meta"):
+        small = GPT(dataclasses.replace(cfg, n_layer=min(cfg.n_layer, 4)))
+    per_block = sum(p.numel() for b in small.h for p in b.parameters()) / len(small.h)
+    n = small.num_params() + (cfg.n_layer - len(small.h)) * per_block
+    L, C, T, B, V = cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.batch_size, cfg.vocab_size
+    activations = L * B * T * C * 34 * 4 + B * T * V * 8  # float32; logits and their gradient
+    need, free = 16 * n + activations, free_memory(device)
+    if free is not None and need > free:
+        die(f"this model needs about {need / 1e9:,.1f} GB ({n / 1e6:,.1f}M parameters, batch "
+            f"{B} x {T}) and {device} has {free / 1e9:,.1f} GB free: shrink --n_layer, --n_embd, "
+            "--block_size or --batch_size")
+
+
 def main(argv=None):
     cfg = parse_args(argv)
     validate(cfg)
-    rank, world, ddp_device = setup_distributed()
+    rank, world, ddp_device = setup_distributed(cfg.dist_timeout)
     if cfg.batch_size % world:
         die(f"--batch_size {cfg.batch_size} must be divisible by the {world} torchrun processes")
     if cfg.expert_parallel and cfg.n_experts % world:
@@ -2311,7 +2486,6 @@ def main(argv=None):
     if device.startswith("cuda"):  # float32 matmuls on tensor cores (TF32)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     t0 = time.perf_counter()
     if cfg.init_from:  # 4.6 the shape, tokenizer and weights of a Hugging Face folder
@@ -2338,6 +2512,10 @@ def main(argv=None):
             print(text + "\n" + "-" * 80)
         return None
 
+    if rank == 0:  # before anything is written: a busy or finished run folder stops here
+        claim_run_folder(cfg)
+    writable_dir(cfg.data_dir, "--data_dir")
+    check_fits(cfg, device)
     text, name = load_text(cfg)
     tokenizer = build_tokenizer(cfg, text)
     cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size)
@@ -2351,7 +2529,10 @@ def main(argv=None):
                    "bytes_per_token": bytes_per_token, "wall_s": time.perf_counter() - t0}
         write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
         return summary
-    resume = load_checkpoint(ckpt_path, cfg, device) if cfg.resume else None
+    resume = load_checkpoint(ckpt_path, cfg, device, resume=True) if cfg.resume else None
+    if resume is not None and resume["step"] >= cfg.max_steps:
+        die(f"{ckpt_path} is at step {resume['step']}: nothing to resume with --max_steps "
+            f"{cfg.max_steps} (raise it to train on)")
     model = GPT(cfg).to(device)
     if cfg.init_from:
         model.load_state_dict(hf_model.state_dict())
@@ -2371,12 +2552,21 @@ def main(argv=None):
         if rank == 0:
             print(f"expert parallelism: each of {world} processes holds {cfg.n_experts // world}"
                   f" of the {cfg.n_experts} experts of every MoE layer")
-    result = train(model, train_data, val_data, cfg, device, dtype, bytes_per_token, resume,
-                   {"tokenizer": tokenizer.name})
+    try:
+        result = train(model, train_data, val_data, cfg, device, dtype, bytes_per_token, resume,
+                       {"tokenizer": tokenizer.name})
+    except RuntimeError as e:  # torchrun: a process died or froze, and a collective gave up
+        if world == 1 or "Timed out" not in str(e):
+            raise
+        print(f"error: rank {rank}: another process did not answer for --dist_timeout "
+              f"{cfg.dist_timeout:g} s; stopping", file=sys.stderr)
+        sys.exit(1)
     if world > 1:
         dist.destroy_process_group()
         gc.collect()  # free DDP and the process group now, not while Python shuts down
-    if rank != 0 or result["interrupted"]:
+    if result["interrupted"]:  # Ctrl-C: saved; the shell sees the usual status of an interrupt
+        sys.exit(130)
+    if rank != 0:
         return None
 
     if expert_shards(model):  # the saved model holds every expert: rebuild it whole
@@ -2407,4 +2597,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves first): one line, not a traceback
+        print("\nstopped (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

@@ -192,7 +192,7 @@ def test_load_tokens_caches_in_data_dir_and_notices_a_changed_file(name, tmp_pat
     assert used == path and data.dtype == np.uint8 and len(data) == len(raw)
     assert bytes(np.asarray(data)) == raw
     caches = sorted(os.listdir(cfg.data_dir))
-    assert len(caches) == 1 and caches[0].endswith(".bin")
+    assert len(caches) == 1 and caches[0].endswith(".npy")
     again, _ = mod.load_tokens(cfg, tok)
     assert np.array_equal(again, data) and sorted(os.listdir(cfg.data_dir)) == caches
     # the same length, other content: a stale cache would return the old tokens

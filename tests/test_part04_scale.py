@@ -644,9 +644,10 @@ def test_ctrl_c_saves_and_resume_continues_exactly(name, shakespeare, tmp_path, 
     with monkeypatch.context() as m:
         calls = interrupting(m, mod, at_call=8)
         capsys.readouterr()
-        b = mod.main(run_flags(tmp_path, data, out="b", **RESUME))
+        with pytest.raises(SystemExit) as stopped:
+            mod.main(run_flags(tmp_path, data, out="b", **RESUME))
         out = capsys.readouterr().out
-    assert b is None
+    assert stopped.value.code == 130  # what shells expect of an interrupted program
     assert len(calls) == 8  # it stopped after finishing the step it was in
     assert "Ctrl-C" in out and "stopped at step 8" in out and "--resume" in out
     assert signal.getsignal(signal.SIGINT) is handler  # the old handler is back
@@ -684,8 +685,8 @@ def test_resume_without_a_checkpoint_exits_2(name, shakespeare, tmp_path, capsys
     # BPE: the run's tokenizer is missing too, and that is said first
     err = expect_exit_2(capsys, mod.main, run_flags(tmp_path, data, out="bpe", resume=True))
     assert "tokenizer" in err
-    for out in ("out", "bpe"):
-        assert not (tmp_path / out).exists() or os.listdir(tmp_path / out) == []
+    for out in ("out", "bpe"):  # nothing but the run folder's lock
+        assert os.listdir(tmp_path / out) == ["run.lock"]
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -700,7 +701,7 @@ def test_resume_with_a_corrupt_checkpoint_exits_2_and_keeps_it(name, content, sh
     err = expect_exit_2(capsys, mod.main, run_flags(tmp_path, data, tokenizer="byte",
                                                     vocab_size=256, resume=True))
     assert "ckpt.pt" in err
-    assert os.listdir(out) == ["ckpt.pt"] and (out / "ckpt.pt").read_bytes() == content
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "run.lock"] and (out / "ckpt.pt").read_bytes() == content
 
 
 def half_writing_save(real_save, error):
@@ -726,8 +727,9 @@ def test_a_failed_save_leaves_the_old_checkpoint_whole(name, tmp_path, monkeypat
     before = Path(path).read_bytes()
     monkeypatch.setattr(mod.torch, "save", half_writing_save(torch.save, OSError(28, "No space")))
     newer = {**good, "step": 4, "model": randomize_(mod.GPT(cfg)).state_dict()}
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit) as e:  # one line: could not write ..., the previous one is intact
         mod.save_checkpoint(path, newer)
+    assert e.value.code == 2
     monkeypatch.undo()
     assert Path(path).read_bytes() == before
     ckpt = mod.load_checkpoint(path, cfg, "cpu")
@@ -770,7 +772,7 @@ def test_train_restores_the_sigint_handler_when_it_fails(name, shakespeare, tmp_
     handler = signal.getsignal(signal.SIGINT)
     monkeypatch.setattr(mod.torch, "save", half_writing_save(torch.save, OSError(28, "No space")))
     try:
-        with pytest.raises(OSError):
+        with pytest.raises(SystemExit):  # the failed save ends the run with one line
             mod.main(run_flags(tmp_path, data, max_steps=2, eval_interval=1))
         left = signal.getsignal(signal.SIGINT)
     finally:
