@@ -39,7 +39,7 @@ for p in $PHASES; do
         phase parts 60 python part00_foundations.py --device cuda --out_dir out/gpu/part00
         phase parts 60 python part01_transformer.py --device cuda --out_dir out/gpu/part01
         for part in part02_train part03_modern part04_scale part05_moe; do
-            phase parts 120 python $part.py --device cuda --max_steps 300 --data $DATA \
+            phase parts 120 python $part.py --device cuda --max_steps 300 --data $DATA --overwrite \
                 --out_dir out/gpu/$part
         done
         ;;
@@ -61,7 +61,7 @@ for p in $PHASES; do
     recipe)  # part04's GPU recipe from the README: time to 2.10 bpb on Tiny Shakespeare
         phase recipe 300 python part04_scale.py --device cuda --tokenizer byte --n_layer 8 \
             --n_head 8 --n_embd 512 --block_size 256 --batch_size 64 --max_steps 2000 \
-            --learning_rate 1e-3 --min_lr 1e-4 --dropout 0.2 --eval_interval 250 --data $DATA \
+            --learning_rate 1e-3 --min_lr 1e-4 --dropout 0.2 --eval_interval 250 --data $DATA --overwrite \
             --out_dir out/gpu/recipe
         phase recipe 30 python bench/time_to_target.py out/gpu/recipe --bpb 2.10
         ;;

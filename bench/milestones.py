@@ -63,10 +63,10 @@ def main():
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "python": platform.python_version(), "parts": {}}
     for part in args.parts:
-        extra = (data if int(part) >= 2 else []) + MILESTONE_FLAGS.get(part, [])
+        extra = (data + ["--overwrite"] if int(part) >= 2 else []) + MILESTONE_FLAGS.get(part, [])
         results["parts"][part] = run_part(part, extra, out_root)
     if args.ablate:
-        results["parts"]["03-ablate"] = run_part("03", data + ["--ablate"], out_root)
+        results["parts"]["03-ablate"] = run_part("03", data + ["--ablate", "--overwrite"], out_root)
 
     print(f"\n{'part':<10} {'figure':<14} value")
     for part, s in results["parts"].items():
