@@ -66,7 +66,7 @@ for p in $PHASES; do
         phase recipe 30 python bench/time_to_target.py out/gpu/recipe --bpb 2.10
         ;;
     moe)  # part05: the MoE against its dense twin at the GPT-2-small shape
-        phase moe 420 python bench/moe_throughput.py --device cuda
+        phase moe 420 python bench/moe_throughput.py --device cuda --profile
         ;;
     *) echo "unknown phase $p" >&2; exit 2 ;;
     esac

@@ -37,6 +37,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
+    ap.add_argument("--profile", action="store_true", help="print the top kernels of the grouped-matmul MoE")
     args = ap.parse_args()
     device = p5.pick_device(args.device)
     dtype = p5.pick_dtype("auto", device)
@@ -55,7 +56,7 @@ def main():
     for name, cfg in runs.items():
         try:
             rows[name] = measure(cfg, device, dtype, cfg.batch_size, args.steps, args.warmup,
-                                 compile_model, part=p5)
+                                 compile_model, part=p5, profile=args.profile and name == "moe grouped_mm")
         except RuntimeError as e:  # a kernel this device lacks: say so, go on with the rest
             print(f"{name}: failed ({str(e).splitlines()[0][:120]})")
             continue

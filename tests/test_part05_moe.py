@@ -17,8 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (expect_exit_2, expect_flag_error, load, part_names, perturb_, read_summary,
-                      run_flags, small_corpus, tiny_cfg, tiny_gpt, tokens, torchrun, train_losses)
+from conftest import (expect_exit_2, expect_flag_error, load, part_names, perturb_, read_metrics,
+                      read_summary, run_flags, small_corpus, tiny_cfg, tiny_gpt, tokens, torchrun,
+                      train_losses)
 
 ALL = part_names(5)
 
@@ -1004,3 +1005,21 @@ def test_main_trains_an_moe(tmp_path, shakespeare, extra, aux_free):
     cfg = moe_cfg(mod, vocab_size=256, **({"moe_top_k": 1} if aux_free else {}))
     model = mod.GPT(cfg)
     assert s["params"] == model.num_params()
+
+
+def test_logged_training_loss_is_the_lm_loss_and_router_losses_are_logged_beside_it(tmp_path,
+                                                                                    shakespeare):
+    """metrics.jsonl's train_loss is the language-model loss, as val_loss is: at step 1 (the
+    same weights and batch) it does not move when the Switch loss weighs 100x more, while
+    aux_loss and z_loss are their own columns."""
+    mod = load("part05")
+    first = {}
+    for coef in ("0.0", "100.0"):
+        out = tmp_path / coef
+        mod.main(TINY + ["--data", shakespeare, "--data_dir", str(tmp_path / "data"), "--out_dir",
+                         str(out), "--max_steps", "2", "--eval_interval", "2", "--eval_iters", "1",
+                         "--log_interval", "1", "--aux_loss_coef", coef])
+        first[coef] = next(r for r in read_metrics(out) if r.get("step") == 1 and "train_loss" in r)
+    assert first["0.0"]["train_loss"] == first["100.0"]["train_loss"]
+    for row in first.values():
+        assert row["aux_loss"] > 0.5 and row["z_loss"] > 0  # E * sum f_i P_i: 1 when uniform
