@@ -25,6 +25,7 @@ FIGURES = {  # part -> the summary keys that make its milestone
     "03": ["val_loss", "val_bpb", "tokens_per_s", "steps", "kv_speedup", "wall_s"],
     "04": ["val_loss", "val_bpb", "bytes_per_token", "tokens_per_s", "steps", "wall_s"],
     "05": ["wall_s"],  # and the dense-vs-MoE rows of `compare`
+    "06": ["wall_s"],  # and a row of exact match per model (bench/sft.py has the full table)
 }
 MILESTONE_FLAGS = {"05": ["--compare", "--tokenizer", "byte"]}
 
@@ -77,6 +78,9 @@ def main():
             print(f"{part:<10} {model:<20} params {row['total_params']:,} ({row['active_params']:,} active)"
                   f"  {row['tokens_per_s']:,.0f} tok/s  val {row['val_loss']:.4f} nats/token"
                   f" = {row['val_bpb']:.3f} bpb")
+        for model, acc in s.get("accuracy", {}).items():
+            print(f"{part:<10} {model:<20} exact match easy {acc['easy']:.1%}  hard {acc['hard']:.1%}"
+                  f"  overall {acc['overall']:.1%}")
         for row in s.get("ablation", []):
             print(f"{part:<10} {row['name']:<20} params {row['params']:,}  {row['tokens_per_s']:,.0f} tok/s"
                   f"  val {row['val_loss']:.4f} nats/byte = {row['val_bpb']:.3f} bpb")

@@ -31,13 +31,40 @@ def part_names(first=0, last=99):
     return [p.stem for p in PART_FILES if first <= int(p.stem[4:6]) <= last]
 
 
+# Parts 06+ fine-tune after pretraining. A test of an earlier lesson that runs their main()
+# gets a tiny fine-tuning stage: these flags come first, so the test's own flags win.
+TINY_STAGES = {6: dict(sft_examples=14, sft_val_examples=7, sft_steps=2, sft_eval_interval=2,
+                       sft_batch_size=4, sft_method="full", eval_prompts=1, pass_k=1,
+                       max_answer_tokens=4)}
+
+
+def stage_flags(name):
+    """The TINY_STAGES flags of part `name` (a module or its name): those of every stage it has."""
+    out = {}
+    for part, values in TINY_STAGES.items():
+        if part_number(name) >= part:
+            out.update(values)
+    return [a for k, v in out.items() for a in (f"--{k}", str(v))]
+
+
 def load(name):
-    """Import a part by module name ('part02_train') or number prefix ('part02')."""
+    """Import a part by module name ('part02_train') or number prefix ('part02'). Its main()
+    takes the tiny later stages first (stage_flags)."""
     if re.fullmatch(r"part\d\d", name):
         matches = [p.stem for p in PART_FILES if p.stem.startswith(name + "_")]
         assert matches, f"no file for {name}"
         name = matches[0]
-    return importlib.import_module(name)
+    mod = importlib.import_module(name)
+    extra = stage_flags(name)
+    if extra and not hasattr(mod.main, "full_main"):
+        full_main = mod.main
+
+        def main(argv=None):
+            return full_main(extra + list(sys.argv[1:] if argv is None else argv))
+
+        main.full_main = full_main
+        mod.main = main
+    return mod
 
 
 def part_number(mod):
@@ -66,11 +93,17 @@ TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=64, dropou
 
 def lesson_fields(mod, lesson):
     """Config values that make `mod` (a part after `lesson`) build lesson `lesson`'s model:
-    what the parts in between switched on, switched off. {} for the lesson's own part."""
+    what the parts in between switched on, switched off; and where a later part switched a
+    default off again (part06: byte tokens, dense), the lesson's own defaults back.
+    {} for the lesson's own part."""
     out = {}
     for part, values in SWITCHED_ON.items():
         if lesson < part <= part_number(mod):
             out.update(values)
+    if lesson < part_number(mod):
+        own = load(part_names(lesson, lesson)[0]).Config
+        switchable = {k for values in SWITCHED_ON.values() for k in values}
+        out.update({k: getattr(own, k) for k in switchable if hasattr(own, k)})
     return out
 
 
@@ -244,6 +277,6 @@ def torchrun(name, args, nproc=2, timeout=120):
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={unused_port()}",
-           f"{name}.py", *args]
+           f"{name}.py", *stage_flags(name), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)

@@ -60,8 +60,10 @@ def tiny_model(mod, tmp_path, seed=0, **kw):
 
 def train_tiny(mod, tmp_path, text_path, **kw):
     """What main() does before sampling, on a tiny config: returns cfg, model, result."""
-    cfg = run_cfg(mod, tmp_path, data=text_path, **kw)
-    data, _ = mod.load_tokens(cfg, mod.ByteTokenizer())
+    # the byte tokenizer main() builds (part06 on: with the chat tokens)
+    tokenizer = mod.ByteTokenizer(mod.CHAT_TOKENS) if hasattr(mod, "CHAT_TOKENS") else mod.ByteTokenizer()
+    cfg = run_cfg(mod, tmp_path, data=text_path, **{"vocab_size": tokenizer.vocab_size, **kw})
+    data, _ = mod.load_tokens(cfg, tokenizer)
     train_data, val_data = mod.split_data(data)
     os.makedirs(cfg.out_dir, exist_ok=True)
     mod.set_seed(cfg.seed)
