@@ -2385,6 +2385,7 @@ def read_records(source, cfg):
         path = os.path.join(cfg.data_dir, f"{hashlib.sha1(source.encode()).hexdigest()[:10]}-"
                             f"{os.path.basename(source.split('?')[0]) or 'data.jsonl'}")
         if not os.path.exists(path):
+            writable_dir(cfg.data_dir, "--data_dir")
             try:
                 download(source, path)
             except (requests.RequestException, OSError) as e:
@@ -2816,14 +2817,20 @@ def print_accuracy(accuracy):
         print(f"{row:<6}" + "".join(f"{acc[n]:9.1%}" for n in names))
 
 
-def supervised_finetuning(base, tokenizer, cfg, device, dtype):
+def sft_conversations(cfg):
+    """The demonstrations as (task or None, messages): --sft_data's records, shuffled, or the
+    built-in tasks'. Read before anything is trained or written: a bad file stops the run
+    at once."""
+    if not cfg.sft_data:
+        return demonstrations(cfg)
+    convs = [(None, to_messages(r, where)) for where, r in read_records(cfg.sft_data, cfg)]
+    random.Random(cfg.seed).shuffle(convs)
+    return convs
+
+
+def supervised_finetuning(base, tokenizer, convs, cfg, device, dtype):
     """6 The milestone: gold accuracy of the base model, SFT (full and/or LoRA) to its
     plateau, gold accuracy again, pass@k on the hard tasks. Returns the summary's figures."""
-    if cfg.sft_data:
-        convs = [(None, to_messages(r, where)) for where, r in read_records(cfg.sft_data, cfg)]
-        random.Random(cfg.seed).shuffle(convs)
-    else:
-        convs = demonstrations(cfg)
     examples, dropped = make_examples(tokenizer, convs, cfg.block_size)
     if dropped:
         print(f"note: {dropped} of {len(convs)} examples are longer than --block_size {cfg.block_size}"
@@ -3118,6 +3125,7 @@ def main(argv=None):
             print(text + "\n" + "-" * 80)
         return None
 
+    convs = sft_conversations(cfg)
     if cfg.init_from:  # the base model: a Hugging Face folder (4.6) or a checkpoint, read
         cfg, tokenizer, model = load_model(cfg, cfg.init_from, device)  # before --overwrite clears
         pretrained = {"init_from": cfg.init_from, "params": model.num_params()}
@@ -3130,7 +3138,7 @@ def main(argv=None):
         cfg, tokenizer, model, pretrained = pretrain(cfg, device, dtype, rank, world, t0)
         if model is None:
             return None
-    model, summary = supervised_finetuning(model, tokenizer, cfg, device, dtype)
+    model, summary = supervised_finetuning(model, tokenizer, convs, cfg, device, dtype)
     if cfg.export_hf:
         export_hf(model, tokenizer, cfg.export_hf)
     samples = transcripts(model, tokenizer, cfg, dtype)

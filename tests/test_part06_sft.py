@@ -674,3 +674,46 @@ def test_init_from_part05_checkpoint_grows_the_vocabulary(mod, kind, tmp_path, s
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(torch.tensor([ids]))[0][..., :vocab],
                                    old(torch.tensor([ids]))[0][..., :vocab], atol=1e-5, rtol=1e-5)
+
+
+def test_sft_model_exports_to_hugging_face_and_back(tiny_run, tmp_path):
+    """--init_from sft.pt --sample_only --export_hf DIR writes the fine-tuned model with its
+    chat tokens; --init_from DIR reads it back: the same tokenizer, the same logits."""
+    mod = load("part06")
+    args, out = tiny_run
+    folder = tmp_path / "hf"
+    mod.main(args + ["--init_from", str(out / "sft.pt"), "--sample_only", "--export_hf", str(folder),
+                     "--out_dir", str(tmp_path / "o"), "--num_samples", "1", "--max_new_tokens", "2"])
+    cfg = mod.parse_args(args)
+    _, tok_a, a = mod.load_model(cfg, str(out / "sft.pt"), "cpu")
+    _, tok_b, b = mod.load_model(cfg, str(folder), "cpu")
+    assert tok_b.special == tok_a.special and tok_b.vocab_size == tok_a.vocab_size
+    ids, _ = mod.render_chat(tok_a, [{"role": "user", "content": "Reverse: abc"}], generation_prompt=True)
+    x = torch.tensor([ids])
+    V = tok_a.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(b.eval()(x)[0][..., :V], a.eval()(x)[0][..., :V], atol=1e-5, rtol=0)
+
+
+def test_chat_answers_from_the_saved_model(tiny_run, monkeypatch, capsys):
+    """--chat reads turns from stdin, replies with the model's greedy answer (the same text
+    answer() gives), keeps the conversation, and ends cleanly at end of input."""
+    mod = load("part06")
+    args, out = tiny_run
+    turns = iter(["Repeat: abc", "", "Uppercase: xyz"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(turns)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    capsys.readouterr()
+    assert mod.main(args + ["--chat", "--temperature", "0", "--max_new_tokens", "8"]) is None
+    replies = [line.removeprefix("model> ") for line in capsys.readouterr().out.splitlines()
+               if line.startswith("model> ")]
+    cfg, tok, model = mod.load_model(mod.parse_args(args), str(out / "sft.pt"), "cpu")
+    cfg = mod.dataclasses.replace(cfg, max_answer_tokens=8)
+    first = mod.answer(model, tok, [mod.user_turn("Repeat: abc")], cfg, torch.float32)[0]
+    assert len(replies) == 2 and replies[0] == first.split("\n")[0]
