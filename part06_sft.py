@@ -11,16 +11,17 @@ New in this part
       prompt, so they never occur in training. SFT learns from a fixed set of demonstrations
       (`--sft_examples`); the generator makes unlimited prompts for parts 08-09. Or your data:
       `--sft_data FILE|URL`, JSON/JSONL in the Alpaca, messages or prompt/completion format.
-  6.3 Padded batches: right-padded, grouped by length, a loss on the assistant's tokens only
-      (prompts and padding masked); left-padded batched generation with an attention mask.
+  6.3 Padded batches: right-padded, a loss on the assistant's tokens only (prompts and
+      padding masked); `--group_by_length` for less padding (and, measured, slower learning);
+      left-padded batched generation with an attention mask and per-row positions.
   6.4 `--curriculum`: the tasks admitted easy to hard over training.
   6.5 Gold evaluation: batched greedy decoding with the KV cache, exact match per task on
       held-out prompts for the base and the fine-tuned model; pass@k at temperature 1 on the
       hard tasks. `--chat` talks to the result.
   6.6 LoRA (`--lora_rank`): low-rank adapters on the attention and MLP projections, merged
       into the weights when saved; compared with full fine-tuning.
-  The MoE layer stays (`--n_experts 8`), dense by default: these tasks need no extra capacity
-  and a dense step is cheaper on a CPU.
+  The MoE layer stays (`--n_experts 8`); dense is the default, whose steps cost less on a
+  CPU, where the number of SFT steps is what limits the accuracy (the README's figures).
 
 Run
   python part06_sft.py                            # pretrain a small base model, then SFT + LoRA

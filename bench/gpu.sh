@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's GPU figures and the GPU correctness checks, on one CUDA GPU, in one go.
 #
-#   bash bench/gpu.sh LOG_DIR [PHASE ...]    phases: env tests parts suite speed sweep recipe moe
+#   bash bench/gpu.sh LOG_DIR [PHASE ...]    phases: env tests parts suite speed sweep recipe moe sft
 #                                            (default: all, in that order)
 #
 # Each phase writes LOG_DIR/PHASE.log and has a time limit, so one failure or hang does not
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 LOG=${1:?usage: bash bench/gpu.sh LOG_DIR [PHASE ...]}
 shift
 mkdir -p "$LOG"
-PHASES=${*:-env tests parts suite speed sweep recipe moe}
+PHASES=${*:-env tests parts suite speed sweep recipe moe sft}
 export PYTHONUNBUFFERED=1
 DATA=data/tinyshakespeare.txt
 
@@ -42,6 +42,8 @@ for p in $PHASES; do
             phase parts 120 python $part.py --device cuda --max_steps 300 --data $DATA --overwrite \
                 --out_dir out/gpu/$part
         done
+        phase parts 180 python part06_sft.py --device cuda --max_steps 300 --sft_steps 300 --data $DATA \
+            --overwrite --out_dir out/gpu/part06_sft
         ;;
     suite)  # the whole CPU test suite, with a CUDA torch present
         phase suite 400 python -m pytest -q -p no:cacheprovider -n 8 tests
@@ -67,6 +69,10 @@ for p in $PHASES; do
         ;;
     moe)  # part05: the MoE against its dense twin at the GPT-2-small shape
         phase moe 420 python bench/moe_throughput.py --device cuda --profile
+        ;;
+    sft)  # part06: the default run's wall time, then rollout tokens/s with the KV cache at batch 64
+        phase sft 420 python part06_sft.py --device cuda --data $DATA --overwrite --out_dir out/gpu/part06
+        phase sft 120 python bench/rollout.py --device cuda --init_from out/gpu/part06/sft.pt --batches 1 8 64 256
         ;;
     *) echo "unknown phase $p" >&2; exit 2 ;;
     esac

@@ -189,6 +189,21 @@ def test_kv_cache_decoding_matches_full_forward_on_cuda(name):
         assert torch.equal(cached, plain), kw
 
 
+@pytest.mark.parametrize("name", part_names(6))
+def test_left_padded_generation_matches_each_row_alone_on_cuda(name):
+    """6.3/6.5 generate_batch on the GPU: rows of different lengths, left-padded into one batch
+    with the attention mask (SDPA with a boolean mask), give each row's greedy tokens alone."""
+    mod = load(name)
+    torch.manual_seed(0)
+    model = perturb_(mod.GPT(gpu_cfg(mod, vocab_size=256 + len(mod.CHAT_TOKENS))), 0).to(DEV).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(256, (n,), generator=g).tolist() for n in (5, 17, 9, 30)]
+    pad, stop = 256 + mod.CHAT_TOKENS.index("<|pad|>"), 256 + mod.CHAT_TOKENS.index("<|end|>")
+    together, _ = mod.generate_batch(model, prompts, 16, stop, pad)
+    alone = [mod.generate_batch(model, [p], 16, stop, pad)[0][0] for p in prompts]
+    assert together == alone
+
+
 def test_grouped_mm_matches_expert_loop_on_cuda():
     mod = load("part05")
     torch.manual_seed(0)
