@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from conftest import (SHAKESPEARE, expect_exit_2, expect_flag_error, load, part_names, perturb_,
                       random_strings, read_metrics, read_summary, tiny_gpt, write)
+from test_part02_train import no_proxy, server  # noqa: F401 (fixtures: a local HTTP server)
 
 SFT = part_names(6, 9)  # parts 07-09 reuse the template, tasks, batching and generation unchanged
 
@@ -717,3 +718,19 @@ def test_chat_answers_from_the_saved_model(tiny_run, monkeypatch, capsys):
     cfg = mod.dataclasses.replace(cfg, max_answer_tokens=8)
     first = mod.answer(model, tok, [mod.user_turn("Repeat: abc")], cfg, torch.float32)[0]
     assert len(replies) == 2 and replies[0] == first.split("\n")[0]
+
+
+def test_sft_data_from_a_url_is_downloaded_once(server, tmp_path, capsys):
+    """--sft_data URL: fetched into --data_dir once (a second read hits the cache), parsed
+    like a file; a URL that fails ends with one line and exit 2."""
+    mod = load("part06")
+    lines = [{"instruction": "Reverse the word.", "input": "stressed", "output": "desserts"},
+             {"prompt": "Repeat: ab", "completion": "ab"}]
+    server.files["/sft.jsonl"] = "\n".join(json.dumps(r) for r in lines).encode()
+    cfg = mod.Config(data_dir=str(tmp_path / "data"), sft_data=f"{server.url}/sft.jsonl")
+    for _ in range(2):
+        records = mod.read_records(cfg.sft_data, cfg)
+        assert [r for _, r in records] == lines and records[1][0].endswith("sft.jsonl:2")
+    assert server.hits == ["/sft.jsonl"]
+    err = expect_exit_2(capsys, mod.read_records, f"{server.url}/missing.jsonl", cfg)
+    assert "download failed" in err
