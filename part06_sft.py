@@ -90,7 +90,7 @@ class Config:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 autocast where supported, else float32
     seed: int = 1337  # random seed: the same seed gives the same CPU run
-    out_dir: str = "out/part06"  # ckpt.pt, metrics.jsonl, summary.json, samples.txt
+    out_dir: str = "out/part06"  # ckpt.pt (pretraining), sft.pt, lora.pt, metrics.jsonl, summary.json, samples.txt
     # data
     data: str = SHAKESPEARE_URL  # a .txt file, a folder of .txt files, or an http(s) URL
     data_dir: str = "data"  # where downloads and token caches are kept
@@ -101,7 +101,7 @@ class Config:
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # model width
     block_size: int = 128  # context length in tokens (bytes here)
-    vocab_size: int = 4096  # BPE: vocabulary to train (256 bytes + merges + special tokens); byte: 256
+    vocab_size: int = 4096  # BPE: vocabulary to train (256 bytes + merges + special tokens); byte: 256 + the chat tokens
     pos: Literal["learned", "sinusoidal", "rope"] = "rope"  # learned, sinusoidal: added to the input; rope: rotates q and k
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"  # normalization in each block and at the end
     mlp: Literal["gelu", "swiglu"] = "swiglu"  # gelu (4x, GELU) or swiglu (gated, same parameter count)
@@ -2664,8 +2664,9 @@ def sft(model, tokenizer, train_examples, val_examples, cfg, device, dtype, stag
     batches of mixed tasks, warmup then cosine decay to a tenth of sft_lr; every
     sft_eval_interval steps the exact match of the validation demonstrations (the masked
     loss breaks ties) picks the best weights to keep; sft_patience checks in a row that
-    improve neither the best exact match nor the best loss stop it (early stopping). Rows with "stage" go to metrics.jsonl. Returns the best
-    weights (adapters merged) and the figures."""
+    improve neither the best exact match nor the best loss stop it (early stopping). Rows
+    with "stage" go to metrics.jsonl. Returns the best weights (adapters merged) and the
+    figures."""
     run = dataclasses.replace(cfg, learning_rate=cfg.sft_lr, min_lr=cfg.sft_lr / 10,
                               max_steps=cfg.sft_steps, warmup_steps=min(cfg.warmup_steps, cfg.sft_steps // 10))
     opt = configure_optimizer(model, run, device)
@@ -2681,7 +2682,8 @@ def sft(model, tokenizer, train_examples, val_examples, cfg, device, dtype, stag
             lr = get_lr(step, run)
             for group in opt.param_groups:
                 group["lr"] = lr
-            x, y = collate(next(batches), pad, device)
+            batch = next(batches)
+            x, y = collate(batch, pad, device)
             with autocast_ctx(device, dtype):
                 _, loss = model(x, y)
             scaler.scale(loss + model.router_loss()).backward()
@@ -2691,7 +2693,7 @@ def sft(model, tokenizer, train_examples, val_examples, cfg, device, dtype, stag
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            tokens, padding = tokens + x.numel(), padding + (x == pad).sum().item()
+            tokens, padding = tokens + x.numel(), padding + x.numel() - sum(len(e["ids"]) - 1 for e in batch)
             tok_s = tokens / max(time.perf_counter() - t0 - eval_s, 1e-9)
             if step % cfg.log_interval == 0:
                 check_finite(loss.item(), step)
