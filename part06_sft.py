@@ -2391,7 +2391,7 @@ def read_records(source, cfg):
             except (requests.RequestException, OSError) as e:
                 die(f"--sft_data {source}: download failed ({type(e).__name__})")
     if not os.path.isfile(path):
-        die(f"--sft_data {source}: no such file")
+        die(f"--sft_data {source}: " + ("not a file" if os.path.exists(path) else "no such file"))
     with open(path, "rb") as f:
         text = decode_text(f.read(), path)
     if not text.strip():
