@@ -2879,7 +2879,7 @@ def chat(cfg, device, dtype):
     sees the conversation so far, as far back as block_size allows. Ctrl-D ends."""
     path = cfg.init_from or os.path.join(cfg.out_dir, "sft.pt")
     if not cfg.init_from and not os.path.exists(path):
-        die(f"--chat: no fine-tuned model at {path}; run part06 first, or pass --init_from")
+        die(f"--chat: no fine-tuned model at {path}; train one first (this part's default run), or pass --init_from")
     cfg, tokenizer, model = load_model(cfg, path, device)
     print(f"chatting with {path} (Ctrl-D to end)")
     messages = []
