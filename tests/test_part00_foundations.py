@@ -95,7 +95,7 @@ def seeded_run(mod, tmp_path, data, seed, out):
     if part_number(mod) >= 4:  # the default BPE, small
         run.update(vocab_size=300, warmup_steps=2)
     mod.main(as_flags(run))
-    rows = [{k: v for k, v in row.items() if k == "step" or "loss" in k}
+    rows = [{k: v for k, v in row.items() if k.endswith("step") or "loss" in k}
             for row in read_metrics(tmp_path / out)]
     return rows, (tmp_path / out / "samples.txt").read_text()
 
@@ -114,8 +114,10 @@ def test_same_seed_same_run(name, tmp_path, shakespeare):
     assert len(set(losses)) > 3  # the steps differ: four real steps were compared
     assert a == b  # loss for loss, and the same samples
     assert a[0] != c[0]
-    for row_a, row_c in zip(a[0], c[0]):  # another seed: other numbers at every step
-        assert all(row_a[k] != row_c[k] for k in row_a if k != "step"), (row_a, row_c)
+    for row_a, row_c in zip(a[0], c[0]):  # another seed: other numbers at every step, but
+        if row_a.get("rm_step") == 1:  # part07's reward head starts at zero: loss log 2 in every run
+            continue
+        assert all(row_a[k] != row_c[k] for k in row_a if not k.endswith("step")), (row_a, row_c)
 
 
 def test_estimator_against_hand_computation():
