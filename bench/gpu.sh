@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's GPU figures and the GPU correctness checks, on one CUDA GPU, in one go.
 #
-#   bash bench/gpu.sh LOG_DIR [PHASE ...]    phases: env tests parts suite speed sweep recipe moe sft
+#   bash bench/gpu.sh LOG_DIR [PHASE ...]    phases: env tests parts suite speed sweep recipe moe sft reward
 #                                            (default: all, in that order)
 #
 # Each phase writes LOG_DIR/PHASE.log and has a time limit, so one failure or hang does not
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 LOG=${1:?usage: bash bench/gpu.sh LOG_DIR [PHASE ...]}
 shift
 mkdir -p "$LOG"
-PHASES=${*:-env tests parts suite speed sweep recipe moe sft}
+PHASES=${*:-env tests parts suite speed sweep recipe moe sft reward}
 export PYTHONUNBUFFERED=1
 DATA=data/tinyshakespeare.txt
 
@@ -44,6 +44,8 @@ for p in $PHASES; do
         done
         phase parts 180 python part06_sft.py --device cuda --max_steps 300 --sft_steps 300 --data $DATA \
             --overwrite --out_dir out/gpu/part06_sft
+        phase parts 180 python part07_reward.py --device cuda --max_steps 300 --sft_steps 300 --rm_steps 100 \
+            --data $DATA --overwrite --out_dir out/gpu/part07_reward
         ;;
     suite)  # the whole CPU test suite, with a CUDA torch present
         phase suite 400 python -m pytest -q -p no:cacheprovider -n 8 tests
@@ -73,6 +75,11 @@ for p in $PHASES; do
     sft)  # part06: the default run's wall time, then rollout tokens/s with the KV cache at batch 64
         phase sft 420 python part06_sft.py --device cuda --data $DATA --overwrite --out_dir out/gpu/part06
         phase sft 120 python bench/rollout.py --device cuda --init_from out/gpu/part06/sft.pt --batches 1 8 64 256
+        ;;
+    reward)  # part07: the default run's wall time, then 4x the reward-model steps from its SFT policy
+        phase reward 420 python part07_reward.py --device cuda --data $DATA --overwrite --out_dir out/gpu/part07
+        phase reward 420 python part07_reward.py --device cuda --init_from out/gpu/part07/sft.pt --rm_steps 2400 \
+            --overwrite --out_dir out/gpu/part07_x4
         ;;
     *) echo "unknown phase $p" >&2; exit 2 ;;
     esac

@@ -26,6 +26,7 @@ FIGURES = {  # part -> the summary keys that make its milestone
     "04": ["val_loss", "val_bpb", "bytes_per_token", "tokens_per_s", "steps", "wall_s"],
     "05": ["wall_s"],  # and the dense-vs-MoE rows of `compare`
     "06": ["wall_s"],  # and a row of exact match per model (bench/sft.py has the full table)
+    "07": ["pair_accuracy", "auc", "length_corr", "calibration_error", "wall_s"],  # bench/reward.py: the full checks
 }
 MILESTONE_FLAGS = {"05": ["--compare", "--tokenizer", "byte"]}
 
