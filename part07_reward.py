@@ -3098,6 +3098,9 @@ def preference_pairs(cfg):
     if not pairs:
         die(f"--preference_data {cfg.preference_data}: no usable pair ({dropped} dropped: chosen equal "
             "to rejected, or two different conversations)")
+    if dropped:
+        print(f"note: {dropped} of {dropped + len(pairs)} preference pairs dropped (chosen equal to rejected, "
+              "or two different conversations)")
     return pairs, dropped
 
 
@@ -3230,7 +3233,7 @@ def train_reward_model(rm, train_pairs, val_pairs, pad_id, cfg, device, dtype):
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            tokens += int(mask.sum())
+            tokens += sum(len(p["ids"][0]) + len(p["ids"][1]) for p in batch)  # counted on the host: no sync
             if step % cfg.log_interval == 0:
                 check_finite(loss.item(), step)
                 acc = (r_chosen > r_rejected).float().mean().item()
