@@ -3377,15 +3377,23 @@ def shared_prompts(n, rng):
     return {t.name: task_prompts(t, n // len(TASKS) + (i < n % len(TASKS)), False, rng) for i, t in enumerate(TASKS)}
 
 
-def reward_pairs(policy, tokenizer, file_pairs, cfg, dtype):
+def reward_prompts(cfg):
+    """The prompts of the reward stage, drawn before anything is trained (a task with too
+    few prompts for the flags stops the run at once): held-out ones for the checks (the
+    evaluation side of part06's split), training ones for on-policy samples and for gold
+    pairs. Returns (rng, test, policy, gold), rng to draw the corruptions with."""
+    rng = random.Random(f"pairs-{cfg.seed}")
+    test_prompts = {t.name: task_prompts(t, cfg.rm_eval_prompts, True, rng) for t in TASKS}
+    return rng, test_prompts, shared_prompts(cfg.policy_prompts, rng), shared_prompts(cfg.gold_pairs, rng)
+
+
+def reward_pairs(policy, tokenizer, prompts, file_pairs, cfg, dtype):
     """The training pairs (from training prompts: gold-vs-corrupted and on-policy, or
     --preference_data's), the held-out test pairs of every source, the policy's held-out
     samples (the AUC, the length correlation) and its training samples (the normalization).
-    Held-out prompts come from the evaluation side of part06's split, file pairs by a hash
-    of their prompt, so no test pair is trained on."""
-    rng = random.Random(f"pairs-{cfg.seed}")
-    test_prompts = {t.name: task_prompts(t, cfg.rm_eval_prompts, True, rng) for t in TASKS}
-    train_prompts, gold_prompts = shared_prompts(cfg.policy_prompts, rng), shared_prompts(cfg.gold_pairs, rng)
+    File pairs are split by part06's hash of their last user turn, so no test pair is
+    trained on."""
+    rng, test_prompts, train_prompts, gold_prompts = prompts
     t0 = time.perf_counter()
     train_samples = policy_samples(policy, tokenizer, train_prompts, cfg, dtype, cfg.seed)
     test_samples = policy_samples(policy, tokenizer, test_prompts, cfg, dtype, cfg.seed + 1)
@@ -3424,12 +3432,12 @@ def reward_checks(rm, tokenizer, test, samples, pad, dtype):
             "reward_stats": stats}, rewards
 
 
-def reward_modeling(policy, tokenizer, file_pairs, cfg, device, dtype):
-    """7 The milestone: pairs, the reward model trained from the SFT policy, its checks, its
-    normalization; saves out_dir/reward.pt. Returns (the reward model, the summary's
-    figures, scored samples for samples.txt)."""
+def reward_modeling(policy, tokenizer, prompts, file_pairs, cfg, device, dtype):
+    """7 The milestone: pairs (of reward_prompts(cfg)), the reward model trained from the SFT
+    policy, its checks, its normalization; saves out_dir/reward.pt. Returns (the reward
+    model, the summary's figures, scored samples for samples.txt)."""
     pad = tokenizer.special["<|pad|>"]
-    train, test, train_samples, test_samples = reward_pairs(policy, tokenizer, file_pairs, cfg, dtype)
+    train, test, train_samples, test_samples = reward_pairs(policy, tokenizer, prompts, file_pairs, cfg, dtype)
     train, dropped = encode_pairs(tokenizer, train, cfg.block_size)
     test, dropped_test = encode_pairs(tokenizer, test, cfg.block_size)
     if dropped + dropped_test:
@@ -3745,6 +3753,7 @@ def main(argv=None):
         return None
 
     file_pairs, dropped = preference_pairs(cfg) if cfg.preference_data else ([], 0)
+    prompts = reward_prompts(cfg)
     convs = None if cfg.init_from else sft_conversations(cfg)
     if cfg.init_from:  # the SFT policy: a Hugging Face folder (4.6) or a checkpoint, read
         cfg, tokenizer, model = load_model(cfg, cfg.init_from, device)  # before --overwrite clears
@@ -3763,7 +3772,7 @@ def main(argv=None):
         model, summary = supervised_finetuning(model, tokenizer, convs, cfg, device, dtype)
     if cfg.export_hf:
         export_hf(model, tokenizer, cfg.export_hf)
-    rm, checks, scored = reward_modeling(model, tokenizer, file_pairs, cfg, device, dtype)
+    rm, checks, scored = reward_modeling(model, tokenizer, prompts, file_pairs, cfg, device, dtype)
     samples = transcripts(model, tokenizer, cfg, dtype) + scored
     with open(os.path.join(cfg.out_dir, "samples.txt"), "w") as f:
         f.write("\n\n".join(samples) + "\n")

@@ -592,7 +592,7 @@ def test_main_writes_the_documented_summary_and_reward_model(tiny_run):
     assert (cfg2.n_layer, cfg2.n_embd, cfg2.block_size, cfg2.vocab_size) == (2, 32, 64, tok.vocab_size)
     assert rm.norm == pytest.approx(summary["normalization"])
     pad = tok.special["<|pad|>"]
-    train, test, train_samples, test_samples = mod.reward_pairs(policy, tok, [], cfg, torch.float32)
+    train, test, train_samples, test_samples = mod.reward_pairs(policy, tok, mod.reward_prompts(cfg), [], cfg, torch.float32)
     test, _ = mod.encode_pairs(tok, test, cfg.block_size)
     assert len(test) == held_out
     margins = mod.pair_margins(rm, test, pad, torch.float32)
@@ -639,13 +639,15 @@ def test_score_prints_the_reward_of_one_reply(tiny_run, capsys):
 
 def test_main_refuses_bad_input_and_writes_nothing(tiny_run, tmp_path, capsys):
     """Exit 2 with one 'error:' line, before any data is read and with nothing written:
-    --margin -1; --preference_data that is empty, holds a record without "rejected", a
+    --margin -1; --rm_eval_prompts above what a task has held out; --preference_data that is empty, holds a record without "rejected", a
     transcript with no assistant turn, or only pairs whose chosen equals rejected;
     --init_from a reward model (reward.pt read as a policy); --score with --reward_model a
     policy (sft.pt read as a reward model)."""
     mod = load("part07")
     args, out = tiny_run
     assert "margin" in expect_flag_error(capsys, mod, ["--margin", "-1"], tmp_path / "a")
+    # multiply has 72 held-out prompts: refused before pretraining, not after SFT
+    assert "multiply" in expect_flag_error(capsys, mod, ["--rm_eval_prompts", "100"], tmp_path / "b")
     same = json.dumps({"prompt": "Repeat: ab", "chosen": "ab", "rejected": "ab"})
     files = {
         "empty": ("empty.jsonl", ""),
