@@ -27,6 +27,7 @@ FIGURES = {  # part -> the summary keys that make its milestone
     "05": ["wall_s"],  # and the dense-vs-MoE rows of `compare`
     "06": ["wall_s"],  # and a row of exact match per model (bench/sft.py has the full table)
     "07": ["pair_accuracy", "auc", "length_corr", "calibration_error", "wall_s"],  # bench/reward.py: the full checks
+    "08": ["rm_score", "kl", "rl_s", "wall_s"],  # and a row of held-out gold accuracy per model (bench/ppo.py)
 }
 MILESTONE_FLAGS = {"05": ["--compare", "--tokenizer", "byte"]}
 
@@ -79,7 +80,7 @@ def main():
             print(f"{part:<10} {model:<20} params {row['total_params']:,} ({row['active_params']:,} active)"
                   f"  {row['tokens_per_s']:,.0f} tok/s  val {row['val_loss']:.4f} nats/token"
                   f" = {row['val_bpb']:.3f} bpb")
-        for model, acc in s.get("accuracy", {}).items():
+        for model, acc in (s.get("gold_accuracy") or s.get("accuracy", {})).items():  # part08's: sft, rl, sft_more
             print(f"{part:<10} {model:<20} exact match easy {acc['easy']:.1%}  hard {acc['hard']:.1%}"
                   f"  overall {acc['overall']:.1%}")
         for row in s.get("ablation", []):
