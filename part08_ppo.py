@@ -3813,12 +3813,14 @@ def ppo_losses(logp, old_logp, advantages, values, old_values, returns, mask, cl
     return policy_loss, value_loss, clip_frac, masked_mean(0.5 * log_ratio ** 2, mask)
 
 
-def ppo_update(policy, critic, opt, batch, cfg, dtype, generator):
+def ppo_update(policy, critic, opt, batch, cfg, dtype, generator, scaler=None):
     """8.5 --ppo_epochs passes over one rollout in shuffled minibatches of --ppo_minibatch
     responses: loss = policy loss + vf_coef * value loss - ent_coef * entropy, one AdamW
-    step each, the gradient norm clipped to --grad_clip. Returns the mean figures (tensors:
-    read once per iteration, no sync per step)."""
+    step each (scaler: the run's GradScaler for float16), the gradient norm clipped to
+    --grad_clip. Returns the mean figures (tensors: read once per iteration, no sync per
+    step)."""
     device, params = batch["idx"].device, [p for g in opt.param_groups for p in g["params"]]
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     figures = collections.defaultdict(list)
     for _ in range(cfg.ppo_epochs):
         for rows in torch.randperm(batch["idx"].size(0), generator=generator).to(device).split(cfg.ppo_minibatch):
@@ -3831,12 +3833,14 @@ def ppo_update(policy, critic, opt, batch, cfg, dtype, generator):
                 batch["returns"][rows], mask, cfg.clip, cfg.value_clip)
             entropy = masked_mean(entropy, mask)
             loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy + policy.router_loss()
-            loss.backward()
+            scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
-            for k, v in (("loss", loss), ("policy_loss", policy_loss), ("value_loss", value_loss),
+            for k, v in (("ppo_loss", loss), ("policy_loss", policy_loss), ("value_loss", value_loss),
                          ("clip_frac", clip_frac), ("approx_kl", approx_kl)):
                 figures[k].append(v.detach())
     return {k: torch.stack(v).mean() for k, v in figures.items()}
@@ -3916,6 +3920,7 @@ def ppo(policy, rm, tokenizer, batches, eval_set, cfg, device, dtype):
     run = dataclasses.replace(cfg, learning_rate=cfg.ppo_lr, min_lr=cfg.ppo_lr / 10, weight_decay=0.0,
                               max_steps=cfg.ppo_iters, warmup_steps=max(1, cfg.ppo_iters // 10))
     opt = configure_optimizer(nn.ModuleList([policy, critic]), run, device)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
     sampler = torch.Generator(device=device).manual_seed(cfg.seed)
     shuffler = torch.Generator().manual_seed(cfg.seed)
     path, saved, beta = os.path.join(cfg.out_dir, "ppo.pt"), None, cfg.kl_coef
@@ -3931,7 +3936,7 @@ def ppo(policy, rm, tokenizer, batches, eval_set, cfg, device, dtype):
             rewards, kl = kl_rewards(batch["score"], batch["logp"], batch["ref_logp"], batch["resp_mask"], beta)
             advantages, batch["returns"] = gae(rewards, batch["values"], batch["resp_mask"], cfg.gamma, cfg.lam)
             batch["advantages"] = whiten(advantages, batch["resp_mask"])
-            figures = ppo_update(policy, critic, opt, batch, cfg, dtype, shuffler)
+            figures = ppo_update(policy, critic, opt, batch, cfg, dtype, shuffler, scaler)
             mask = batch["resp_mask"]
             figures.update(score=batch["score"].mean(), raw_score=batch["raw"].mean(), kl=kl.sum(1).mean(),
                            entropy=masked_mean(batch["entropy"], mask), length=batch["lengths"].float().mean(),
@@ -3940,9 +3945,9 @@ def ppo(policy, rm, tokenizer, batches, eval_set, cfg, device, dtype):
                            logp_gap=((batch["sample_logp"] - batch["logp"]).abs() * mask).max())
             last = {k: v.item() for k, v in figures.items()}  # the one read of the iteration's figures
             checked = [r for r in batch["right"] if r is not None]
-            last.update(ppo_iter=it, lr=lr, beta=beta, gold=sum(checked) / len(checked) if checked else None)
-            if not math.isfinite(last["loss"]):
-                die(f"PPO diverged: the loss is {last['loss']} at iteration {it}; "
+            last.update(ppo_iter=it, ppo_lr=lr, beta=beta, gold=sum(checked) / len(checked) if checked else None)
+            if not math.isfinite(last["ppo_loss"]):
+                die(f"PPO diverged: the loss is {last['ppo_loss']} at iteration {it}; "
                     + (f"{path} holds the policy of iteration {saved}" if saved else "no PPO policy was saved")
                     + " (a lower --ppo_lr may help)")
             beta = update_beta(beta, last["kl"], cfg.target_kl, cfg.kl_horizon, cfg.rollout_batch)
@@ -3961,7 +3966,7 @@ def ppo(policy, rm, tokenizer, batches, eval_set, cfg, device, dtype):
                        "gold_hard": gold["hard"], "gold_overall": gold["overall"]}
                 rows.append(row)
                 metrics.write(json.dumps({"stage": "ppo_eval", **row}) + "\n")
-                print(f"ppo eval {it:4d} | held-out gold easy {gold['easy']:.1%}, hard {gold['hard']:.1%} | "
+                print(f"ppo eval {it:4d} | held-out gold easy {fmt(gold['easy'], '.1%')}, hard {fmt(gold['hard'], '.1%')} | "
                       f"rm score {fmt(proxy, '+.3f')} | kl {last['kl']:.3f}")
                 save_model(path, policy, cfg, tokenizer, step=it, ppo_iter=it)
                 saved, eval_s = it, eval_s + time.perf_counter() - t

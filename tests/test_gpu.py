@@ -204,6 +204,38 @@ def test_left_padded_generation_matches_each_row_alone_on_cuda(name):
     assert together == alone
 
 
+@pytest.mark.parametrize("name", part_names(8, 8))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_ppo_rollout_and_update_on_cuda(name, dtype):
+    """8.2/8.5 on the GPU: the log-probs the update recomputes match the sampler's (float32:
+    to 1e-4; in bf16/fp16 autocast the two forwards round differently), and one PPO update
+    (a GradScaler for float16) leaves every weight finite and moved."""
+    mod = load(name)
+    torch.manual_seed(0)
+    tok = mod.ByteTokenizer(mod.CHAT_TOKENS)
+    cfg = gpu_cfg(mod, vocab_size=tok.vocab_size, temperature=0.9, max_answer_tokens=8, rollout_batch=8,
+                  ppo_minibatch=4, ppo_epochs=1)
+    policy = perturb_(mod.GPT(cfg), 0).to(DEV)
+    rm = mod.RewardModel(perturb_(mod.GPT(cfg), 1).to(DEV))
+    actors = mod.make_actors(policy, rm, cfg)
+    recs = [{**mod.rl_record(mod.user_turn(p)), "ids": mod.render_chat(tok, mod.user_turn(p), generation_prompt=True)[0]}
+            for p in ["Repeat: ab", "1 + 2 =", "Sort: 3 1 2 9", "Reverse: pots"] * 2]
+    b = mod.rollout(*actors, tok, recs, cfg, dtype, torch.Generator(device=DEV).manual_seed(0))
+    gap = ((b["sample_logp"] - b["logp"]).abs() * b["resp_mask"]).max().item()
+    assert gap < (1e-4 if dtype == torch.float32 else 0.25), gap
+    rewards, _ = mod.kl_rewards(b["score"], b["logp"], b["ref_logp"], b["resp_mask"], 0.05)
+    adv, b["returns"] = mod.gae(rewards, b["values"], b["resp_mask"])
+    b["advantages"] = mod.whiten(adv, b["resp_mask"])
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    opt = mod.configure_optimizer(torch.nn.ModuleList([policy, actors[3]]), cfg, DEV)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    for _ in range(3):  # float16: the scaler may skip a first step while it finds its scale
+        figures = mod.ppo_update(policy, actors[3], opt, b, cfg, dtype, torch.Generator().manual_seed(0), scaler)
+    assert all(torch.isfinite(v) for v in figures.values())
+    assert all(torch.isfinite(p).all() for p in policy.parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in policy.named_parameters())
+
+
 def test_grouped_mm_matches_expert_loop_on_cuda():
     mod = load("part05")
     torch.manual_seed(0)

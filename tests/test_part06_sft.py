@@ -471,14 +471,16 @@ def test_lora_trains_adapters_only_and_merges_exactly(mod, variant):
     with torch.no_grad():
         adapted_logits = model(x)[0]
         assert not torch.allclose(adapted_logits, base(x)[0], atol=1e-4)
-        torch.testing.assert_close(merged(x)[0], adapted_logits, atol=1e-5, rtol=1e-5)
+        # W + s B A summed once against W x + s B (A x): float32 rounding only (1.5e-5 seen on
+        # an AMD CPU), well inside the adapters' effect checked above
+        torch.testing.assert_close(merged(x)[0], adapted_logits, atol=5e-5, rtol=1e-4)
     shapes = {k: v.shape for k, v in before.items()}
     assert {k: v.shape for k, v in merged.state_dict().items()} == shapes
     assert {k: v.shape for k, v in plain.items()} == shapes
     fresh = mod.GPT(base.cfg).eval()
     fresh.load_state_dict(plain)  # strict
     with torch.no_grad():
-        torch.testing.assert_close(fresh(x)[0], adapted_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fresh(x)[0], adapted_logits, atol=5e-5, rtol=1e-4)  # the same rounding
 
 
 # 6.3-6.5 A short SFT run -----------------------------------------------------------------
