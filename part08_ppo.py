@@ -3878,8 +3878,9 @@ def judge(model, rm, tokenizer, prompts, cfg, dtype):
 
 def plot_ppo(path, rows):
     """ppo.png: the proxy (reward-model score) and the gold accuracy of greedy answers to
-    held-out prompts against the KL to the reference (Gao et al. 2022 plot them so), and
-    the KL and entropy over the iterations. Skipped where matplotlib is not installed."""
+    held-out prompts over the iterations (Gao et al. 2022 plot them against the KL, which
+    the right panel shows: a batch's sampled KL is too noisy to be an axis here), and the
+    KL and entropy per iteration. Skipped where matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -3888,13 +3889,13 @@ def plot_ppo(path, rows):
         return False
     evals, iters = [r for r in rows if "gold_hard" in r], [r for r in rows if "entropy" in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    kl = [r["kl"] for r in evals]
-    left.plot(kl, [r["rm_score"] for r in evals], "o-", label="reward-model score (proxy)")
-    left.set_xlabel("KL to the reference (nats per response)")
+    at = [r["ppo_iter"] for r in evals]
+    left.plot(at, [r["rm_score"] for r in evals], "o-", label="reward-model score (proxy)")
+    left.set_xlabel("PPO iteration")
     left.set_ylabel("shaped score")
     gold = left.twinx()
-    gold.plot(kl, [r["gold_hard"] for r in evals], "s-", color="tab:red", label="gold accuracy, hard tasks")
-    gold.plot(kl, [r["gold_easy"] for r in evals], "^-", color="tab:green", label="gold accuracy, easy tasks")
+    gold.plot(at, [r["gold_hard"] for r in evals], "s-", color="tab:red", label="gold accuracy, hard tasks")
+    gold.plot(at, [r["gold_easy"] for r in evals], "^-", color="tab:green", label="gold accuracy, easy tasks")
     gold.set_ylabel("gold accuracy")
     left.legend(loc="upper left", fontsize=8)
     gold.legend(loc="lower right", fontsize=8)

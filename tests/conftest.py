@@ -31,10 +31,10 @@ def part_names(first=0, last=99):
     return [p.stem for p in PART_FILES if first <= int(p.stem[4:6]) <= last]
 
 
-# Parts 06+ fine-tune after pretraining, 07+ then train a reward model, 08+ run PPO. A test of an earlier
-# lesson that runs their main() gets tiny stages: these flags come first, so the test's own
-# flags win. (100 gold pairs: with --block_size 16 only the shortest, add and multiply, fit,
-# and the reward model needs 10.)
+# Parts 06+ fine-tune after pretraining, 07+ then train a reward model, 08+ run PPO (and
+# skip its control). A test of an earlier lesson that runs their main() gets tiny stages:
+# these flags come first, so the test's own flags win. (100 gold pairs: with --block_size 16
+# only the shortest, add and multiply, fit, and the reward model needs 10.)
 TINY_STAGES = {6: dict(sft_examples=14, sft_val_examples=7, sft_steps=2, sft_eval_interval=2,
                        sft_batch_size=4, sft_method="full", eval_prompts=1, pass_k=1,
                        max_answer_tokens=4),
