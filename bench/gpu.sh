@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's GPU figures and the GPU correctness checks, on one CUDA GPU, in one go.
 #
-#   bash bench/gpu.sh LOG_DIR [PHASE ...]    phases: env tests parts suite speed sweep recipe moe sft reward ppo
+#   bash bench/gpu.sh LOG_DIR [PHASE ...]    phases: env tests parts suite speed sweep recipe moe sft reward ppo grpo
 #                                            (default: all, in that order)
 #
 # Each phase writes LOG_DIR/PHASE.log and has a time limit, so one failure or hang does not
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 LOG=${1:?usage: bash bench/gpu.sh LOG_DIR [PHASE ...]}
 shift
 mkdir -p "$LOG"
-PHASES=${*:-env tests parts suite speed sweep recipe moe sft reward ppo}
+PHASES=${*:-env tests parts suite speed sweep recipe moe sft reward ppo grpo}
 export PYTHONUNBUFFERED=1
 DATA=data/tinyshakespeare.txt
 
@@ -48,6 +48,8 @@ for p in $PHASES; do
             --data $DATA --overwrite --out_dir out/gpu/part07_reward
         phase parts 240 python part08_ppo.py --device cuda --max_steps 300 --sft_steps 300 --rm_steps 100 \
             --ppo_iters 20 --data $DATA --overwrite --out_dir out/gpu/part08_ppo
+        phase parts 240 python part09_grpo.py --device cuda --max_steps 300 --sft_steps 300 \
+            --grpo_iters 20 --data $DATA --overwrite --out_dir out/gpu/part09_grpo
         ;;
     suite)  # the whole CPU test suite, with a CUDA torch present
         phase suite 400 python -m pytest -q -p no:cacheprovider -n 8 tests
@@ -85,6 +87,9 @@ for p in $PHASES; do
         ;;
     ppo)  # part08: the default run's wall time (pretraining, SFT, reward model, PPO, the control)
         phase ppo 600 python part08_ppo.py --device cuda --data $DATA --overwrite --out_dir out/gpu/part08
+        ;;
+    grpo)  # part09: the default run's wall time (pretraining, SFT, GRPO against the checker, the control)
+        phase grpo 600 python part09_grpo.py --device cuda --data $DATA --overwrite --out_dir out/gpu/part09
         ;;
     *) echo "unknown phase $p" >&2; exit 2 ;;
     esac

@@ -28,6 +28,7 @@ FIGURES = {  # part -> the summary keys that make its milestone
     "06": ["wall_s"],  # and a row of exact match per model (bench/sft.py has the full table)
     "07": ["pair_accuracy", "auc", "length_corr", "calibration_error", "wall_s"],  # bench/reward.py: the full checks
     "08": ["rm_score", "kl", "rl_s", "wall_s"],  # and a row of held-out gold accuracy per model (bench/ppo.py)
+    "09": ["kl", "flat_group_fraction", "rl_s", "wall_s"],  # and gold rows as 08's (bench/rl_compare.py)
 }
 MILESTONE_FLAGS = {"05": ["--compare", "--tokenizer", "byte"]}
 
@@ -71,16 +72,16 @@ def main():
     if args.ablate:
         results["parts"]["03-ablate"] = run_part("03", data + ["--ablate", "--overwrite"], out_root)
 
-    print(f"\n{'part':<10} {'figure':<14} value")
+    print(f"\n{'part':<10} {'figure':<19} value")
     for part, s in results["parts"].items():
         for key in FIGURES.get(part[:2], []) + ["process_s"]:
             if key in s and not (part.endswith("ablate") and key not in ("kv_speedup", "process_s")):
-                print(f"{part:<10} {key:<14} {fmt(s[key])}")
+                print(f"{part:<10} {key:<19} {fmt(s[key])}")
         for model, row in s.get("compare", {}).items():
             print(f"{part:<10} {model:<20} params {row['total_params']:,} ({row['active_params']:,} active)"
                   f"  {row['tokens_per_s']:,.0f} tok/s  val {row['val_loss']:.4f} nats/token"
                   f" = {row['val_bpb']:.3f} bpb")
-        for model, acc in (s.get("gold_accuracy") or s.get("accuracy", {})).items():  # part08's: sft, rl, sft_more
+        for model, acc in (s.get("gold_accuracy") or s.get("accuracy", {})).items():  # 08, 09: sft, rl, sft_more
             print(f"{part:<10} {model:<20} exact match easy {acc['easy']:.1%}  hard {acc['hard']:.1%}"
                   f"  overall {acc['overall']:.1%}")
         for row in s.get("ablation", []):

@@ -40,15 +40,18 @@ TINY_STAGES = {6: dict(sft_examples=14, sft_val_examples=7, sft_steps=2, sft_eva
                        max_answer_tokens=4),
                7: dict(gold_pairs=100, policy_prompts=7, policy_samples=2, rm_eval_prompts=1, rm_steps=2,
                        rm_eval_interval=2, rm_batch_size=4),
-               8: dict(ppo_iters=1, rollout_batch=4, ppo_minibatch=2, ppo_epochs=1, control="false")}
+               8: dict(ppo_iters=1, rollout_batch=4, ppo_minibatch=2, ppo_epochs=1, control="false"),
+               9: dict(grpo_iters=1, group_size=2, grpo_minibatch=2)}
 
 
 def stage_flags(name):
-    """The TINY_STAGES flags of part `name` (a module or its name): those of every stage it has."""
+    """The TINY_STAGES flags of part `name` (a module or its name): those of every stage it has,
+    where its Config still has the field (part09 drops PPO's)."""
+    fields = config_fields(importlib.import_module(name) if isinstance(name, str) else name)
     out = {}
     for part, values in TINY_STAGES.items():
         if part_number(name) >= part:
-            out.update(values)
+            out.update({k: v for k, v in values.items() if k in fields})
     return [a for k, v in out.items() for a in (f"--{k}", str(v))]
 
 

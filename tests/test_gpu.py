@@ -236,6 +236,39 @@ def test_ppo_rollout_and_update_on_cuda(name, dtype):
     assert any(not torch.equal(p, before[n]) for n, p in policy.named_parameters())
 
 
+@pytest.mark.parametrize("name", part_names(9))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_grpo_rollout_and_update_on_cuda(name, dtype):
+    """9.1/9.4 on the GPU: a group rollout (2 prompts x 4 responses, scored by a reward model
+    with a random head, so the groups are not flat) records the sampler's log-probs, which
+    the update's forward matches (float32: to 1e-4; in bf16/fp16 autocast the two forwards
+    round differently), and one GRPO update (a GradScaler for float16) leaves every weight
+    finite and moved."""
+    mod = load(name)
+    torch.manual_seed(0)
+    tok = mod.ByteTokenizer(mod.CHAT_TOKENS)
+    cfg = gpu_cfg(mod, vocab_size=tok.vocab_size, temperature=0.9, max_answer_tokens=8, rollout_batch=8, group_size=4,
+                  grpo_minibatch=4, num_iterations=1, reward="rm", missing_end_penalty=0.0)
+    policy = perturb_(mod.GPT(cfg), 0).to(DEV)
+    rm = perturb_(mod.RewardModel(mod.GPT(cfg)), 1).to(DEV)  # the head too: rewards that differ
+    actors = mod.make_actors(policy, rm, cfg)
+    recs = [{**mod.rl_record(mod.user_turn(p)), "ids": mod.render_chat(tok, mod.user_turn(p), generation_prompt=True)[0]}
+            for p in ["Repeat: ab", "Sort: 3 1 2 9"]]
+    b, _ = mod.group_rollout(*actors, tok, iter([recs]), cfg, dtype, torch.Generator(device=DEV).manual_seed(0))
+    gap = ((b["sample_logp"] - b["logp"]).abs() * b["resp_mask"]).max().item()
+    assert gap < (1e-4 if dtype == torch.float32 else 0.25), gap
+    assert b["advantages"].abs().sum() > 0 and torch.isfinite(b["advantages"]).all()
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    opt = mod.configure_optimizer(policy, cfg, DEV)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    for _ in range(3):  # float16: the scaler may skip a first step while it finds its scale
+        figures = mod.grpo_update(policy, opt, b, cfg, dtype, torch.Generator().manual_seed(0), scaler)
+    assert set(figures) == {"grpo_loss", "clip_frac", "kl_penalty"}
+    assert all(torch.isfinite(v) for v in figures.values())
+    assert all(torch.isfinite(p).all() for p in policy.parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in policy.named_parameters())
+
+
 def test_grouped_mm_matches_expert_loop_on_cuda():
     mod = load("part05")
     torch.manual_seed(0)

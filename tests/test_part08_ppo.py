@@ -2,15 +2,17 @@
 returns minus values; lam 0: one-step TD), whitening; the clipped surrogate (ratio 1 and the
 plain policy gradient at the first minibatch, the gradient zero exactly where the clip
 formula says, the clip fraction) and the clipped value loss against their formulas and
-gradients; the adaptive KL controller; rollouts: the log-probs the update recomputes equal
-the sampler's (left padding, temperatures 0.7 and 1.3, rows that end early and rows that do
-not) and a row computed alone, the KL zero when the policy is the reference, the score at
-each response's last real token and equal to the reward model's score of the conversation
-alone, the rollout's layout, --reward_source checker; the actors (a frozen reference and reward model, a critic of
-either kind that learns from a zero head); a short PPO run against the checker that raises
+gradients; the adaptive KL controller and the KL in the reward (zero when the policy is the
+reference, the score at each response's last real token); --reward_source checker; the
+actors (a frozen reference and reward model, a critic of either kind that learns from a
+zero head, values 0 in a first rollout); a short PPO run against the checker that raises
 gold accuracy on the copy task; main() end to end (summary, metrics, ppo.pt, the control,
 --init_from with --reward_model), --prompt_data, and the refusals (bad flags, bad prompt
-files, a reward model of other tokens or a shorter context, a loss that turns NaN)."""
+files, a reward model of other tokens or a shorter context, a loss that turns NaN).
+Inherited by part09 (ROLLOUT): the log-probs the update recomputes equal the sampler's (left
+padding, temperatures 0.7 and 1.3, rows that end early and rows that do not) and a row
+computed alone; the rollout's layout, its reference log-probs equal to the policy's, and the
+score of a reward model (part09: --reward rm) equal to its score of the conversation alone."""
 import copy
 import dataclasses
 import json
@@ -24,8 +26,8 @@ import torch.nn as nn
 from conftest import (SHAKESPEARE, config_fields, expect_exit_2, expect_flag_error, load, part_names,
                       read_metrics, read_summary, tiny_cfg, tiny_gpt, write)
 
-PPO = part_names(8, 8)  # the critic, GAE, the value loss: part09 drops them
-ROLLOUT = part_names(8, 9)  # sampling, log-probs, the KL penalty: part09 keeps them
+PPO = part_names(8, 8)  # the critic, GAE, the value loss, the KL in the reward, --reward_source: part09 drops them
+ROLLOUT = part_names(8, 9)  # sampling, log-probs, the reward model's score: part09 keeps them
 
 
 @pytest.fixture(autouse=True)
@@ -73,12 +75,19 @@ def policy_model(mod, tok, seed=1, end_bias=0.0):
     return model
 
 
-# Every PPO field explicit: the defaults are tuned for the milestone run.
+def logprobs(mod, model, idx, mask, P, temperature):
+    """response_logprobs' (logp, entropy): part08's takes a critic (None here), part09's none."""
+    critic = (None,) if hasattr(mod, "Critic") else ()
+    return mod.response_logprobs(model, *critic, idx, mask, P, temperature)[:2]
+
+
+# Every PPO field explicit: the defaults are tuned for the milestone run. reward "rm": part09
+# scores by the reward model as part08 does (its default is the verifier).
 PPO_FIELDS = dict(temperature=1.0, max_answer_tokens=8, rollout_batch=8, ppo_minibatch=4, ppo_epochs=1,
                   ppo_lr=1e-3, clip=0.2, value_clip=0.2, vf_coef=0.1, ent_coef=0.0, gamma=1.0, lam=0.95,
                   kl_coef=0.05, target_kl=0.0, kl_horizon=1000, missing_end_penalty=1.0, reward_clip=5.0,
                   length_penalty=0.0, critic="separate", grad_clip=1.0, ppo_iters=1, ppo_eval_interval=1,
-                  log_interval=1, reward_source="model")
+                  log_interval=1, reward_source="model", reward="rm")
 
 
 def ppo_fields(mod, **kw):
@@ -250,22 +259,22 @@ def test_value_loss_clipping_matches_its_formula(mod):
 
 
 # 8.3 The KL controller ------------------------------------------------------------------------------
-def test_update_beta_follows_the_kl_and_is_bounded(rmod):
+def test_update_beta_follows_the_kl_and_is_bounded(mod):
     """update_beta: fixed at target 0; beta * (1 + e n / horizon) with e = kl / target - 1
     clipped to +-0.2: it rises while the KL is above the target, falls below it, and moves
     by at most 20% * n / horizon whatever the KL."""
     beta, n, horizon = 0.1, 64, 1000
-    assert rmod.update_beta(beta, 50.0, 0.0, horizon, n) == beta
-    assert rmod.update_beta(beta, 5.5, 5.0, horizon, n) == pytest.approx(beta * (1 + 0.1 * n / horizon))
-    assert rmod.update_beta(beta, 4.5, 5.0, horizon, n) == pytest.approx(beta * (1 - 0.1 * n / horizon))
-    assert rmod.update_beta(beta, 5.0, 5.0, horizon, n) == pytest.approx(beta)
-    assert rmod.update_beta(beta, 1e6, 5.0, horizon, n) == pytest.approx(beta * (1 + 0.2 * n / horizon))
-    assert rmod.update_beta(beta, 0.0, 5.0, horizon, n) == pytest.approx(beta * (1 - 0.2 * n / horizon))
-    assert rmod.update_beta(beta, -3.0, 5.0, horizon, n) == pytest.approx(beta * (1 - 0.2 * n / horizon))
+    assert mod.update_beta(beta, 50.0, 0.0, horizon, n) == beta
+    assert mod.update_beta(beta, 5.5, 5.0, horizon, n) == pytest.approx(beta * (1 + 0.1 * n / horizon))
+    assert mod.update_beta(beta, 4.5, 5.0, horizon, n) == pytest.approx(beta * (1 - 0.1 * n / horizon))
+    assert mod.update_beta(beta, 5.0, 5.0, horizon, n) == pytest.approx(beta)
+    assert mod.update_beta(beta, 1e6, 5.0, horizon, n) == pytest.approx(beta * (1 + 0.2 * n / horizon))
+    assert mod.update_beta(beta, 0.0, 5.0, horizon, n) == pytest.approx(beta * (1 - 0.2 * n / horizon))
+    assert mod.update_beta(beta, -3.0, 5.0, horizon, n) == pytest.approx(beta * (1 - 0.2 * n / horizon))
     for kl in (0.1, 3.0, 5.01, 7.0, 100.0):
-        new = rmod.update_beta(beta, kl, 5.0, horizon, n)
+        new = mod.update_beta(beta, kl, 5.0, horizon, n)
         assert (new > beta) == (kl > 5.0) and abs(new / beta - 1) <= 0.2 * n / horizon + 1e-12
-    assert rmod.update_beta(beta, 1e6, 5.0, horizon, 2 * n) > rmod.update_beta(beta, 1e6, 5.0, horizon, n)
+    assert mod.update_beta(beta, 1e6, 5.0, horizon, 2 * n) > mod.update_beta(beta, 1e6, 5.0, horizon, n)
 
 
 # 8.2-8.3 Rollouts -----------------------------------------------------------------------------------
@@ -280,8 +289,8 @@ def test_recomputed_logprobs_equal_the_samplers(rmod, temperature):
     tok = chat_tok(mod)
     cfg = ppo_cfg(mod, tok, temperature=temperature)
     recs = records(mod, tok)
-    (policy, _, _, _), batch = do_rollout(mod, tok, cfg, policy_model(mod, tok, end_bias=4.0), reward_model(mod, tok),
-                                          recs=recs)
+    actors, batch = do_rollout(mod, tok, cfg, policy_model(mod, tok, end_bias=4.0), reward_model(mod, tok), recs=recs)
+    policy = actors[0]
     ended, m, P = batch["ended"], batch["resp_mask"], batch["P"]
     assert ended.any() and (~ended).any()
     assert len({len(r["ids"]) for r in recs}) > 1
@@ -297,16 +306,15 @@ def test_recomputed_logprobs_equal_the_samplers(rmod, temperature):
             alone = torch.log_softmax(logits, -1).gather(-1, torch.tensor(resp)[:, None])[:, 0]
             torch.testing.assert_close(batch["logp"][i, :len(resp)], alone, atol=1e-5, rtol=0)
             torch.testing.assert_close(batch["sample_logp"][i, :len(resp)], alone, atol=1e-5, rtol=0)
-        at_one = mod.response_logprobs(policy, None, batch["idx"], batch["mask"], P, 1.0)[0]
+        at_one = logprobs(mod, policy, batch["idx"], batch["mask"], P, 1.0)[0]
     assert ((batch["sample_logp"] - at_one).abs() * m).max().item() > 1e-3
 
 
-def test_kl_is_zero_when_the_policy_is_the_reference(rmod):
+def test_kl_is_zero_when_the_policy_is_the_reference(mod):
     """make_actors' reference is a frozen copy: in a rollout its log-probs equal the
     policy's, kl_rewards' KL is 0 at every token and the rewards are the score at the last
     real token, 0 elsewhere. Once the policy moves the KL terms are (logp - ref_logp) at the
     real tokens and 0 at padding."""
-    mod = rmod
     tok = chat_tok(mod)
     cfg = ppo_cfg(mod, tok, temperature=0.7)
     (policy, ref, _, _), batch = do_rollout(mod, tok, cfg, policy_model(mod, tok, end_bias=4.0), reward_model(mod, tok))
@@ -327,10 +335,9 @@ def test_kl_is_zero_when_the_policy_is_the_reference(rmod):
     assert kl[m].abs().min() > 0 and torch.equal(kl[~m], torch.zeros(int((~m).sum())))
 
 
-def test_rewards_sit_at_the_last_real_token(rmod):
+def test_rewards_sit_at_the_last_real_token(mod):
     """kl_rewards with beta 0 puts each score exactly at column resp_mask.sum(1) - 1 and 0
     elsewhere; with beta > 0 every real token also gets -beta (logp - ref_logp), padding 0."""
-    mod = rmod
     g = torch.Generator().manual_seed(0)
     B, R = 4, 6
     m = torch.arange(R)[None] < torch.tensor([6, 1, 3, 4])[:, None]
@@ -352,7 +359,8 @@ def test_rollout_scores_the_conversation_alone(rmod):
     RewardModel's score of its conversation ids alone (for an ended row, render_chat of the
     prompt, the reply and its <|end|>); the score is the shaped reward (normalized, a length
     penalty, clipped) minus --missing_end_penalty for a row that never ended; replies,
-    lengths, ended and the checker's verdicts match; values are 0 (a fresh critic head)."""
+    lengths, ended and the checker's verdicts match; the reference's log-probs (a frozen copy
+    of the policy) equal the policy's. Part09: --reward rm."""
     mod = rmod
     tok = chat_tok(mod)
     pad, end = tok.special["<|pad|>"], tok.special["<|end|>"]
@@ -360,7 +368,8 @@ def test_rollout_scores_the_conversation_alone(rmod):
     recs = records(mod, tok)
     norm = {"mean": 0.3, "std": 2.0}
     policy = policy_model(mod, tok, end_bias=4.0)
-    (policy, _, rm, _), batch = do_rollout(mod, tok, cfg, policy, reward_model(mod, tok, norm=norm), seed=5, recs=recs)
+    actors, batch = do_rollout(mod, tok, cfg, policy, reward_model(mod, tok, norm=norm), seed=5, recs=recs)
+    policy, ref, rm = actors[:3]
     new, ended, _ = mod.generate_batch(policy, [r["ids"] for r in recs], cfg.max_answer_tokens, end, pad,
                                        cfg.temperature, generator=torch.Generator().manual_seed(5), logprobs=True)
     assert any(ended) and not all(ended)
@@ -388,16 +397,15 @@ def test_rollout_scores_the_conversation_alone(rmod):
     assert checked_template >= 1
     assert batch["right"] == [mod.rl_check(r, reply) for r, reply in zip(recs, batch["replies"])]
     assert batch["right"][-1] is None  # "Say hello ...": no task, no answer
-    assert torch.equal(batch["values"], torch.zeros_like(batch["values"]))
+    assert ref is not policy and torch.equal(batch["logp"], batch["ref_logp"])
     assert batch["entropy"].shape == m.shape and (batch["entropy"][m] > 0).all()
 
 
-def test_reward_source_checker_scores_by_the_checker(rmod):
+def test_reward_source_checker_scores_by_the_checker(mod):
     """--reward_source checker: each response's score is the checker's verdict (1 right, 0
     wrong or nothing to judge it) minus --missing_end_penalty for a response that never
     ended, whatever the reward model says (its raw score is still reported). Here the gold
     answer of half the prompts is the empty reply, which a response that ends at once gives."""
-    mod = rmod
     tok = chat_tok(mod)
     cfg = ppo_cfg(mod, tok, temperature=0.7, reward_source="checker", missing_end_penalty=0.5)
     recs = [{**r, "answer": "" if i % 2 == 0 else None} for i, r in enumerate(records(mod, tok) * 2)]
@@ -417,7 +425,7 @@ def test_ppo_update_trains_the_policy_and_critic_alone(mod, critic):
     model's trunk (separate) or on the policy's (shared). ppo_update over one rollout
     (rewards, GAE, whitened advantages as ppo() makes them) changes the policy and moves
     the critic head from zero; the reference and the reward model stay as they were and
-    get no gradient."""
+    get no gradient; the rollout's values are 0 (the critic's fresh head)."""
     tok = chat_tok(mod)
     cfg = ppo_cfg(mod, tok, critic=critic, ppo_epochs=2, rollout_batch=8, ppo_minibatch=4, ppo_lr=3e-3)
     policy, rm = policy_model(mod, tok, end_bias=4.0), reward_model(mod, tok)
@@ -436,6 +444,7 @@ def test_ppo_update_trains_the_policy_and_critic_alone(mod, critic):
         trunk_start = copy.deepcopy(crit.trunk.state_dict())
     else:
         assert crit.trunk is None
+    assert torch.equal(batch["values"], torch.zeros_like(batch["values"]))
     m = batch["resp_mask"]
     rewards, _ = mod.kl_rewards(batch["score"], batch["logp"], batch["ref_logp"], m, cfg.kl_coef)
     advantages, batch["returns"] = mod.gae(rewards, batch["values"], m, cfg.gamma, cfg.lam)
