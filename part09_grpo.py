@@ -3629,7 +3629,8 @@ def prompt_batches(cfg, tokenizer, file_prompts, rng):
     <|assistant|>): fresh prompts of the built-in tasks from the training side of part06's
     split, each task equally likely (the generator is unlimited; no answer comes with
     them), or --prompt_data's, shuffled epoch by epoch. A prompt that leaves the model no
-    room to answer (block_size) is left out; none left ends the run."""
+    room to answer (block_size) is left out (a built-in one is replaced by a fresh draw);
+    none left ends the run."""
     def encoded(records):
         out = []
         for r in records:
@@ -3648,9 +3649,15 @@ def prompt_batches(cfg, tokenizer, file_prompts, rng):
     order = []
     while True:
         if not file_prompts:
-            count = collections.Counter(rng.choice(TASKS).name for _ in range(cfg.rollout_batch))
-            batch = encoded(rl_record(user_turn(p)) for name, n in count.items()
-                            for p in task_prompts(TASK_BY_NAME[name], n, False, rng))
+            batch = []
+            for _ in range(100):  # fresh draws until the batch is full (too long prompts left out)
+                count = collections.Counter(rng.choice(TASKS).name for _ in range(cfg.rollout_batch - len(batch)))
+                batch += encoded(rl_record(user_turn(p)) for name, n in count.items()
+                                 for p in task_prompts(TASK_BY_NAME[name], n, False, rng))
+                if len(batch) == cfg.rollout_batch:
+                    break
+            if not batch:
+                die(f"--block_size {cfg.block_size} leaves no room to answer the built-in prompts")
             rng.shuffle(batch)
             yield batch
             continue

@@ -117,6 +117,8 @@ def test_same_seed_same_run(name, tmp_path, shakespeare):
     for row_a, row_c in zip(a[0], c[0]):  # another seed: other numbers at every step, but
         if row_a.get("rm_step") == 1:  # part07's reward head starts at zero: loss log 2 in every run
             continue
+        if row_a.get("grpo_loss") == row_c.get("grpo_loss") == 0.0:  # part09: a tiny model's groups are
+            continue  # all wrong, so flat: advantage 0, and the KL 0 at the first step, in every run
         assert all(row_a[k] != row_c[k] for k in row_a if not k.endswith("step")), (row_a, row_c)
 
 

@@ -763,6 +763,28 @@ def test_read_prompts_and_prompt_batches(mod, tmp_path, capsys):
     assert "block_size" in err
 
 
+def test_built_in_prompt_batches_stay_full_when_some_prompts_are_too_long(rmod, capsys):
+    """Built-in RL prompts too long for --block_size are replaced by fresh draws: with a
+    block_size that only about half of them fit, every batch still holds rollout_batch
+    prompts, each leaving room to answer; with one no prompt fits, the run stops with one
+    line naming --block_size (not a crash on an empty batch)."""
+    mod = rmod
+    tok = chat_tok(mod)
+    rng = random.Random(0)
+    lengths = sorted(len(mod.render_chat(tok, mod.user_turn(p), generation_prompt=True)[0])
+                     for t in mod.TASKS for p in mod.task_prompts(t, 20, False, rng))
+    cut = lengths[len(lengths) // 2]
+    assert lengths[0] < cut < lengths[-1]
+    cfg = dataclasses.replace(ppo_cfg(mod, tok, rollout_batch=6), block_size=cut)
+    batches = mod.prompt_batches(cfg, tok, [], random.Random(1))
+    for _ in range(5):
+        batch = next(batches)
+        assert len(batch) == 6 and all(len(r["ids"]) < cut for r in batch)
+    err = expect_exit_2(capsys, lambda: next(mod.prompt_batches(dataclasses.replace(cfg, block_size=3),
+                                                                tok, [], random.Random(1))))
+    assert "--block_size" in err
+
+
 def test_prompt_data_feeds_the_rollouts(tiny_run, tmp_path, monkeypatch):
     """main() --prompt_data FILE (with --init_from and --reward_model): every rollout's
     prompts come from the file, rendered from its messages; the checker's figure of each
