@@ -2957,8 +2957,8 @@ def validate(cfg):
         die("--sink needs a sliding window: set --window too")
     if cfg.min_lr > cfg.learning_rate:
         die(f"--min_lr {cfg.min_lr} must not exceed --learning_rate {cfg.learning_rate}")
-    if cfg.tokenizer == "bpe" and not cfg.tokenizer_file and cfg.vocab_size < 257:
-        die(f"--vocab_size {cfg.vocab_size}: BPE needs at least 256 bytes + 1 special token")
+    if cfg.tokenizer == "bpe" and not cfg.tokenizer_file and cfg.vocab_size < 257 + len(CHAT_TOKENS):
+        die(f"--vocab_size {cfg.vocab_size}: BPE needs at least 256 bytes + {1 + len(CHAT_TOKENS)} special tokens")
     if cfg.tokenizer_file and not os.path.isfile(cfg.tokenizer_file):
         die(f"--tokenizer_file {cfg.tokenizer_file}: no such file")
     if cfg.n_experts and not 1 <= cfg.moe_top_k <= cfg.n_experts:

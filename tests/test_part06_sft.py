@@ -736,3 +736,12 @@ def test_sft_data_from_a_url_is_downloaded_once(server, tmp_path, capsys):
     assert server.hits == ["/sft.jsonl"]
     err = expect_exit_2(capsys, mod.read_records, f"{server.url}/missing.jsonl", cfg)
     assert "download failed" in err
+
+
+@pytest.mark.parametrize("name", SFT)
+def test_a_bpe_vocabulary_without_room_for_the_chat_tokens_exits_2(name, tmp_path, capsys):
+    """BPE trains with <|endoftext|> and the 5 chat tokens: a --vocab_size below 262 is a flag
+    error, not a traceback from the tokenizer."""
+    mod = load(name)
+    err = expect_flag_error(capsys, mod, ["--tokenizer", "bpe", "--vocab_size", "261"], tmp_path)
+    assert "--vocab_size 261" in err and "6 special tokens" in err
