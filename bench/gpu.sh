@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's GPU figures and the GPU correctness checks, on one CUDA GPU, in one go.
 #
-#   bash bench/gpu.sh LOG_DIR [PHASE ...]    phases: env tests parts suite speed sweep recipe moe sft reward ppo grpo
+#   bash bench/gpu.sh LOG_DIR [PHASE ...]    phases: env tests parts suite speed sweep recipe moe sft reward ppo grpo semantic
 #                                            (default: all, in that order)
 #
 # Each phase writes LOG_DIR/PHASE.log and has a time limit, so one failure or hang does not
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 LOG=${1:?usage: bash bench/gpu.sh LOG_DIR [PHASE ...]}
 shift
 mkdir -p "$LOG"
-PHASES=${*:-env tests parts suite speed sweep recipe moe sft reward ppo grpo}
+PHASES=${*:-env tests parts suite speed sweep recipe moe sft reward ppo grpo semantic}
 export PYTHONUNBUFFERED=1
 DATA=data/tinyshakespeare.txt
 
@@ -50,6 +50,8 @@ for p in $PHASES; do
             --ppo_iters 20 --data $DATA --overwrite --out_dir out/gpu/part08_ppo
         phase parts 240 python part09_grpo.py --device cuda --max_steps 300 --sft_steps 300 \
             --grpo_iters 20 --data $DATA --overwrite --out_dir out/gpu/part09_grpo
+        phase parts 240 python part10_semantic.py --device cuda --max_steps 300 --data $DATA --overwrite \
+            --out_dir out/gpu/part10_semantic
         ;;
     suite)  # the whole CPU test suite, with a CUDA torch present
         phase suite 400 python -m pytest -q -p no:cacheprovider -n 8 tests
@@ -90,6 +92,9 @@ for p in $PHASES; do
         ;;
     grpo)  # part09: the default run's wall time (pretraining, SFT, GRPO against the checker, the control)
         phase grpo 600 python part09_grpo.py --device cuda --data $DATA --overwrite --out_dir out/gpu/part09
+        ;;
+    semantic)  # part10: every lesson's default run (each model: --max_seconds 30 or --max_steps 600)
+        phase semantic 600 python part10_semantic.py --device cuda --data $DATA --overwrite --out_dir out/gpu/part10
         ;;
     *) echo "unknown phase $p" >&2; exit 2 ;;
     esac

@@ -29,6 +29,7 @@ FIGURES = {  # part -> the summary keys that make its milestone
     "07": ["pair_accuracy", "auc", "length_corr", "calibration_error", "wall_s"],  # bench/reward.py: the full checks
     "08": ["rm_score", "kl", "rl_s", "wall_s"],  # and a row of held-out gold accuracy per model (bench/ppo.py)
     "09": ["kl", "flat_group_fraction", "rl_s", "wall_s"],  # and gold rows as 08's (bench/rl_compare.py)
+    "10": ["wall_s"],  # and a row per tokenizer (10.1) and per model of 10.2 (bench/boundless.py: the vocab sweep)
 }
 MILESTONE_FLAGS = {"05": ["--compare", "--tokenizer", "byte"]}
 
@@ -84,6 +85,15 @@ def main():
         for model, acc in (s.get("gold_accuracy") or s.get("accuracy", {})).items():  # 08, 09: sft, rl, sft_more
             print(f"{part:<10} {model:<20} exact match easy {acc['easy']:.1%}  hard {acc['hard']:.1%}"
                   f"  overall {acc['overall']:.1%}")
+        for kind, row in s.get("boundless", {}).items() if part == "10" else ():  # 10.1
+            if isinstance(row, dict):
+                print(f"{part:<10} {kind:<20} {row['bytes_per_token']:.3f} bytes/token  Renyi {row['renyi_efficiency']:.4f}"
+                      f"  trained in {row['train_s']:.1f} s  val {row['val_bpb']:.3f} bpb")
+        patches = s.get("patches", {}) if part == "10" else {}
+        for model in ("latent", "tokens") if patches else ():  # 10.2
+            row = patches[model]
+            print(f"{part:<10} {model:<20} val {row['val_bpb']:.3f} bpb  {row['flops_per_byte'] / 1e6:.2f} MFLOPs/byte"
+                  f"  (patches {patches['mean_patch_length']:.2f} bytes, BPE {patches['bpe_bytes_per_token']:.2f})")
         for row in s.get("ablation", []):
             print(f"{part:<10} {row['name']:<20} params {row['params']:,}  {row['tokens_per_s']:,.0f} tok/s"
                   f"  val {row['val_loss']:.4f} nats/byte = {row['val_bpb']:.3f} bpb")

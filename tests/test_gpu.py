@@ -236,7 +236,7 @@ def test_ppo_rollout_and_update_on_cuda(name, dtype):
     assert any(not torch.equal(p, before[n]) for n, p in policy.named_parameters())
 
 
-@pytest.mark.parametrize("name", part_names(9))
+@pytest.mark.parametrize("name", part_names(9, 9))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_grpo_rollout_and_update_on_cuda(name, dtype):
     """9.1/9.4 on the GPU: a group rollout (2 prompts x 4 responses, scored by a reward model
@@ -333,3 +333,35 @@ def test_part01_memorizes_on_cuda(tmp_path):
     mod = load("part01")
     s = mod.main(["--device", "cuda", "--out_dir", str(tmp_path)])
     assert s["final_loss"] < 0.05 and s["exact_match"]
+
+
+@pytest.mark.parametrize("name", part_names(10))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_byte_latent_model_on_cuda_matches_the_cpu_and_trains(name, dtype):
+    """10.2 on the GPU: entropy patches, the patch pooling (index_add_), the gather of each
+    byte's context and the three block stacks give the CPU's float32 logits (bf16 autocast:
+    close), and a few AdamW steps under autocast lower the loss."""
+    mod = load(name)
+    torch.manual_seed(0)
+    cfg = mod.Config(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=261, local_layers=1)
+    entropy_model = perturb_(mod.GPT(mod.Config(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=261)), 0)
+    x = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))
+    threshold = mod.next_byte_entropy(entropy_model.eval(), x).median().item()
+    cpu = mod.ByteLatent(cfg, entropy_model, threshold)
+    want = cpu(x)[0]
+    gpu = mod.ByteLatent(cfg, entropy_model.to(DEV), threshold).to(DEV)
+    gpu.load_state_dict(cpu.state_dict())
+    with mod.autocast_ctx(DEV, dtype):
+        got = gpu(x.to(DEV))[0].float().cpu()
+    assert (got - want).abs().max() < (1e-3 if dtype == torch.float32 else 0.1)
+    opt = mod.configure_optimizer(gpu, cfg, DEV)
+    y = torch.roll(x, -1, 1).to(DEV)
+    losses = []
+    for _ in range(30):
+        with mod.autocast_ctx(DEV, dtype):
+            loss = gpu(x.to(DEV), y)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]

@@ -27,6 +27,7 @@ from conftest import (expect_exit_2, lesson_fields, load, part_names, random_str
                       train_losses, val_losses, write)
 
 ALL = part_names(4)
+RUN = part_names(4, 9)  # main() trains one model in --out_dir; part10's runs lessons (test_part10_semantic.py)
 SPECIAL = "<|endoftext|>"
 
 
@@ -468,7 +469,7 @@ def test_tokenizer_file_with_a_bad_pattern_raises(name, tmp_path):
         mod.BPETokenizer.load(path)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", RUN)
 def test_resume_with_a_bad_saved_tokenizer_exits_2(name, shakespeare, tmp_path, capsys):
     mod = load(name)
     data = small_corpus(tmp_path, shakespeare)
@@ -478,7 +479,7 @@ def test_resume_with_a_bad_saved_tokenizer_exits_2(name, shakespeare, tmp_path, 
         assert "tokenizer.json" in err and "twice" in err
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", RUN)
 def test_tokenizer_file_flag_with_a_bad_file_exits_2(name, shakespeare, tmp_path, capsys):
     mod = load(name)
     bad = write(tmp_path / "bad.json", '{"merges": [[97, 98], ')
@@ -495,7 +496,7 @@ def test_tokenizer_file_flag_with_a_bad_file_exits_2(name, shakespeare, tmp_path
 # ---------------------------------------------------------------------------------------
 # Flags that cannot work
 # ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", RUN)
 @pytest.mark.parametrize("bad, word", [(dict(vocab_size=256), "--vocab_size"),
                                        (dict(vocab_size=100), "--vocab_size"),
                                        (dict(dtype="float16"), "float16"),
@@ -632,7 +633,7 @@ def interrupting(monkeypatch, mod, at_call):
     return calls
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", RUN)
 def test_ctrl_c_saves_and_resume_continues_exactly(name, shakespeare, tmp_path, monkeypatch,
                                                    capsys):
     mod = load(name)
@@ -675,7 +676,7 @@ def test_ctrl_c_saves_and_resume_continues_exactly(name, shakespeare, tmp_path, 
     assert len({round(v, 6) for v in la.values()}) == 20
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", RUN)
 def test_resume_without_a_checkpoint_exits_2(name, shakespeare, tmp_path, capsys):
     mod = load(name)
     data = small_corpus(tmp_path, shakespeare)
@@ -689,7 +690,7 @@ def test_resume_without_a_checkpoint_exits_2(name, shakespeare, tmp_path, capsys
         assert os.listdir(tmp_path / out) == ["run.lock"]
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", RUN)
 @pytest.mark.parametrize("content", [b"not a checkpoint at all " * 50, b""],
                          ids=["garbage", "empty"])
 def test_resume_with_a_corrupt_checkpoint_exits_2_and_keeps_it(name, content, shakespeare,
@@ -741,7 +742,7 @@ def test_a_failed_save_leaves_the_old_checkpoint_whole(name, tmp_path, monkeypat
             torch.load(tmp_path / f, weights_only=True)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", RUN)
 def test_a_save_failing_during_training_keeps_the_saved_run(name, shakespeare, tmp_path,
                                                             monkeypatch, capsys):
     mod = load(name)
@@ -799,7 +800,7 @@ class FakeWriter:
         self.closed = True
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", RUN)
 def test_a_run_writes_full_checkpoints_summary_and_metrics(name, shakespeare, tmp_path,
                                                            monkeypatch, capsys):
     mod = load(name)
@@ -926,7 +927,7 @@ DDP_RUN = dict(batch_size=4, max_steps=6, eval_interval=3, log_interval=1, warmu
                ckpt_interval=100)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", RUN)
 def test_two_torchrun_processes_equal_one_process(name, shakespeare, tmp_path):
     mod = load(name)
     data = small_corpus(tmp_path, shakespeare)
@@ -956,7 +957,7 @@ def test_two_torchrun_processes_equal_one_process(name, shakespeare, tmp_path):
     assert r.stdout.count("eval     6") == 1
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", RUN)
 def test_torchrun_batch_not_divisible_by_world_exits_2(name, shakespeare, tmp_path):
     data = small_corpus(tmp_path, shakespeare)
     r = torchrun(name, run_flags(tmp_path, data, out="ddp", **{**DDP_RUN, "batch_size": 3}))

@@ -26,7 +26,7 @@ from conftest import (SHAKESPEARE, config_fields, expect_exit_2, expect_flag_err
                       read_metrics, read_summary, tiny_cfg, write)
 from test_part08_ppo import chat_tok, check_accuracy, one_thread, policy_model, reward_model  # noqa: F401 (one_thread: autouse)
 
-GRPO = part_names(9)
+GRPO = part_names(9, 9)  # part10 drops the alignment stages (Replaces:)
 
 
 @pytest.fixture(params=GRPO)

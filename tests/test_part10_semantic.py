@@ -1,0 +1,350 @@
+"""Part 10: beyond tokens. BoundlessBPE (training against a brute-force recount of the whole
+corpus, superwords made of whole word pretokens only, round trips on random Unicode, never
+more tokens than BPE where word pairs repeat, save/load and files of the other kind), Renyi
+efficiency by hand, the patching rule and patches that cover the text once, the
+byte-latent model (causal, and its loss falls), and the lessons' main() with bad input."""
+import collections
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import regex
+import torch
+
+from conftest import expect_exit_2, load, part_names, random_strings, read_summary, write
+
+ALL = part_names(10)
+SPECIALS = ("<|endoftext|>",)
+# word pairs that repeat (supermerge material), beside punctuation, digits and newlines
+PAIRS_TEXT = ("of the king, to the queen; in the court of the duke. I am here, I am there!\n"
+              "And to the war 1234 of the realm: is the crown of the people?\n") * 30
+
+
+# ---------------------------------------------------------------------------------------
+# 10.1 BoundlessBPE
+# ---------------------------------------------------------------------------------------
+def reference_boundless(mod, text, n_merges):
+    """BoundlessBPE the slow way, on the whole corpus as a sequence: each step counts every
+    pair inside a pretoken and every pair of adjacent word units that are one token each,
+    and takes the most frequent (the smallest pair on ties; a regular merge wins a tie with
+    a supermerge). Returns (merges, supermerge ranks, the corpus's tokens at the end)."""
+    units = [[list(c.encode()), bool(mod.WORD.fullmatch(c))] for c in regex.findall(mod.GPT4_SPLIT, text)]
+    merges, supers = [], []
+    for _ in range(n_merges):
+        regular, joined = collections.Counter(), collections.Counter()
+        for ids, _ in units:
+            regular.update(zip(ids, ids[1:]))
+        for (a, wa), (b, wb) in zip(units, units[1:]):
+            if wa and wb and len(a) == 1 and len(b) == 1:
+                joined[a[0], b[0]] += 1
+        best_r = min(regular, key=lambda p: (-regular[p], p)) if regular else None
+        best_s = min(joined, key=lambda p: (-joined[p], p)) if joined else None
+        if best_r is None and best_s is None:
+            break
+        new = 256 + len(merges)
+        if best_s is None or (best_r is not None and regular[best_r] >= joined[best_s]):
+            merges.append(best_r)
+            for u in units:
+                u[0] = mod._merge(u[0], best_r, new)
+            continue
+        merges.append(best_s)
+        supers.append(len(merges) - 1)
+        out, i = [], 0
+        while i < len(units):
+            a = units[i]
+            if (i + 1 < len(units) and a[1] and units[i + 1][1] and a[0] == [best_s[0]]
+                    and units[i + 1][0] == [best_s[1]]):
+                out.append([[new], True])
+                i += 2
+            else:
+                out.append(a)
+                i += 1
+        units = out
+    return merges, supers, [t for ids, _ in units for t in ids]
+
+
+_TRAINED = {}
+
+
+def trained(mod, text=PAIRS_TEXT, vocab_size=400, kind="boundless"):
+    key = (mod.__name__, text[:50], len(text), vocab_size, kind)
+    if key not in _TRAINED:
+        cls = mod.BoundlessBPETokenizer if kind == "boundless" else mod.BPETokenizer
+        _TRAINED[key] = cls.train(text, vocab_size, SPECIALS)
+    return _TRAINED[key]
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("vocab_size", [300, 400, 520])
+def test_boundless_training_matches_a_brute_force_recount(name, vocab_size, shakespeare):
+    mod = load(name)
+    text = PAIRS_TEXT[:1500] + Path(shakespeare).read_text()[:2500]
+    tok = mod.BoundlessBPETokenizer.train(text, vocab_size, SPECIALS)
+    merges, supers, final = reference_boundless(mod, text, vocab_size - 256 - len(SPECIALS))
+    assert [tuple(p) for p in tok.ranked] == merges
+    assert tok.super_ranks == supers and supers, "no supermerge: the test text should make some"
+    # encoding the training text gives what training left: regular merges first, then the
+    # supermerges, is the same as the two interleaved
+    assert tok.encode(text) == final
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_superwords_are_whole_word_pretokens(name, shakespeare):
+    mod = load(name)
+    text = PAIRS_TEXT + Path(shakespeare).read_text()[:100_000]
+    tok = trained(mod, text, 1000)
+    assert len(tok.supermerges) > 10
+    for token in tok.supermerges.values():  # every superword is two or more whole word pretokens
+        s = tok.decode([token])
+        pieces = regex.findall(mod.GPT4_SPLIT, s)
+        assert len(pieces) >= 2 and all(mod.WORD.fullmatch(p) for p in pieces), repr(s)
+    # in an encoding every token ends at a pretoken boundary or inside a pretoken of one
+    # kind: a token never ends inside a pretoken it shares with a superword
+    probe = Path(shakespeare).read_text()[-20_000:]
+    ids = tok.encode(probe)
+    ends = np.cumsum([len(tok.decode([i])) for i in ids])
+    bounds = set(np.cumsum([len(c) for c in regex.findall(mod.GPT4_SPLIT, probe)]).tolist())
+    start = 0
+    for i, end in zip(ids, ends.tolist()):
+        if i in tok.supermerges.values():
+            assert start in bounds | {0} and end in bounds, (start, end, tok.decode([i]))
+        start = end
+    assert tok.decode(ids) == probe
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_boundless_round_trips_random_unicode(name):
+    mod = load(name)
+    tok = trained(mod)
+    for s in random_strings(1500, seed=5, extra=("of the king", " to the queen ", "I am I am I am")):
+        assert tok.decode(tok.encode(s)) == s, repr(s)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_never_more_tokens_than_bpe_where_word_pairs_repeat(name):
+    mod = load(name)
+    for vocab_size in (300, 400, 600):
+        bpe, boundless = trained(mod, kind="bpe", vocab_size=vocab_size), trained(mod, vocab_size=vocab_size)
+        for text in (PAIRS_TEXT, PAIRS_TEXT[:500], "the king of the realm, " * 20):
+            assert len(boundless.encode(text)) <= len(bpe.encode(text))
+    assert len(boundless.encode(PAIRS_TEXT)) < 0.9 * len(bpe.encode(PAIRS_TEXT))
+    assert boundless.decode([boundless.supermerges[boundless.ranked[boundless.super_ranks[0]]]]).count(" ") >= 1
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_save_load_gives_identical_ids_and_refuses_the_other_kind(name, tmp_path):
+    mod = load(name)
+    tok, bpe = trained(mod), trained(mod, kind="bpe")
+    tok.save(tmp_path / "b.json")
+    bpe.save(tmp_path / "p.json")
+    again = mod.BoundlessBPETokenizer.load(tmp_path / "b.json")
+    probe = PAIRS_TEXT + "".join(random_strings(50, seed=3))
+    assert again.encode(probe) == tok.encode(probe) and again.name == tok.name
+    assert again.vocab_size == tok.vocab_size and again.super_ranks == tok.super_ranks
+    assert tok.name != bpe.name and tok.name.startswith("boundless")
+    with pytest.raises(ValueError, match="not a BoundlessBPE"):
+        mod.BoundlessBPETokenizer.load(tmp_path / "p.json")
+    with pytest.raises(ValueError, match="not a BPE"):
+        mod.BPETokenizer.load(tmp_path / "b.json")
+    obj = json.loads((tmp_path / "b.json").read_text())
+    obj["supermerges"] = [len(obj["merges"]) + 3]
+    write(tmp_path / "bad.json", json.dumps(obj))
+    with pytest.raises(ValueError, match="supermerge ranks"):
+        mod.BoundlessBPETokenizer.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_chat_tokens_keep_a_boundless_tokenizer_boundless(name):
+    mod = load(name)
+    tok = trained(mod)
+    grown = mod.with_chat_tokens(tok)
+    assert isinstance(grown, mod.BoundlessBPETokenizer)
+    assert grown.encode(PAIRS_TEXT) == tok.encode(PAIRS_TEXT)
+    assert grown.vocab_size == tok.vocab_size + len(mod.CHAT_TOKENS)
+
+
+# ---------------------------------------------------------------------------------------
+# Renyi efficiency
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+def test_renyi_efficiency_by_hand(name):
+    mod = load(name)
+    ids = [0] * 6 + [1] * 3 + [2]  # p = 0.6, 0.3, 0.1 over a vocabulary of 8
+    p = np.array([0.6, 0.3, 0.1])
+    by_hand = math.log((p ** 2.5).sum()) / (1 - 2.5) / math.log(8)
+    assert mod.renyi_efficiency(ids, 8, 2.5) == pytest.approx(by_hand, rel=1e-12)
+    shannon = -(p * np.log(p)).sum() / math.log(8)
+    assert mod.renyi_efficiency(ids, 8, 1.0) == pytest.approx(shannon, rel=1e-12)
+    assert mod.renyi_efficiency(ids, 8, 1.0001) == pytest.approx(shannon, rel=1e-3)
+    assert mod.renyi_efficiency(list(range(8)) * 5, 8, 2.5) == pytest.approx(1.0)  # uniform: the most
+    assert mod.renyi_efficiency(ids, 8, 3.0) < mod.renyi_efficiency(ids, 8, 2.5) < shannon
+
+
+# ---------------------------------------------------------------------------------------
+# 10.2 Entropy patches and the byte-latent model
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+def test_patch_starts_follow_the_rule(name):
+    mod = load(name)
+    gen = torch.Generator().manual_seed(0)
+    h = torch.rand(3, 50, generator=gen) * 4  # entropy of bytes 1..50
+    for threshold, rise in ((2.0, 0.0), (3.0, 0.5), (1.0, 1.5)):
+        s = mod.patch_starts(h, threshold, rise)
+        assert s.shape == (3, 51) and s[:, 0].all()
+        for b in range(3):
+            for i in range(1, 51):
+                e = h[b, i - 1]
+                want = bool(e > threshold) or (rise > 0 and i > 1 and bool(e - h[b, i - 2] > rise))
+                assert bool(s[b, i]) == want
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_patches_cover_the_text_once(name, shakespeare):
+    mod = load(name)
+    torch.manual_seed(0)
+    model = mod.GPT(mod.Config(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=261)).eval()
+    data = np.frombuffer(Path(shakespeare).read_bytes()[:32 * 7 + 5], dtype=np.uint8).astype(np.uint16)
+    entropy, starts = mod.text_patches(model, data, 5.0, 0.3, 32)
+    assert len(entropy) == len(starts) == 32 * 7  # whole windows
+    first = np.flatnonzero(starts)
+    lengths = np.diff(first, append=len(starts))
+    assert first[0] == 0 and lengths.min() >= 1 and lengths.sum() == len(starts)
+    assert starts[::32].all() and np.isnan(entropy[::32]).all()  # each window's first byte
+    # the rule on the computed entropies, byte by byte, inside each window
+    for t in range(len(starts)):
+        if t % 32:
+            rise = t % 32 > 1 and entropy[t] - entropy[t - 1] > 0.3
+            assert starts[t] == (entropy[t] > 5.0 or rise)
+    # entropies are those of the model's next-byte distributions
+    idx = torch.from_numpy(data[:32].astype(np.int64))[None]
+    logp = torch.log_softmax(model(idx)[0][0, :, :256], -1)
+    want = -(logp.exp() * logp).sum(-1)[:-1]
+    assert np.allclose(entropy[1:32], want.detach().numpy(), atol=1e-5)
+
+
+def tiny_latent(mod, seed=0):
+    """A tiny ByteLatent over a random entropy model, its threshold the median entropy
+    (about two bytes a patch)."""
+    torch.manual_seed(seed)
+    cfg = mod.Config(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=261, local_layers=1,
+                     device="cpu", dtype="float32")
+    entropy_model = mod.GPT(mod.Config(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=261))
+    for p in entropy_model.parameters():  # far from uniform: entropies vary, so patches do
+        p.data.normal_(0, 0.5)
+    x = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(seed))
+    threshold = mod.next_byte_entropy(entropy_model.eval(), x).median().item()
+    return mod.ByteLatent(cfg, entropy_model, threshold), cfg
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_byte_latent_model_is_causal(name):
+    mod = load(name)
+    model, _ = tiny_latent(mod)
+    model.eval()
+    x = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(1))
+    logits = model(x)[0]
+    assert 1.5 < model.patch_len < 10  # real patches, not one per byte or one per window
+    for t in (0, 7, 19, 30):
+        y = x.clone()
+        y[:, t + 1:] = torch.randint(0, 256, (3, 31 - t), generator=torch.Generator().manual_seed(t))
+        assert torch.allclose(model(y)[0][:, :t + 1], logits[:, :t + 1], atol=1e-5), t
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_byte_latent_model_loss_falls(name, shakespeare):
+    mod = load(name)
+    model, cfg = tiny_latent(mod)
+    data = np.frombuffer(Path(shakespeare).read_bytes()[:20_000], dtype=np.uint8).astype(np.int64)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(60):
+        x, y = mod.get_batch(data, 8, 32, "cpu", gen)
+        loss = model(x, y)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < 0.75 * np.mean(losses[:5])
+    assert all(p.grad is None for p in model.entropy_model[0].parameters())  # frozen
+    assert not any(k.startswith("entropy") for k in model.state_dict())  # saved with its own run
+    assert model.flops_per_token() > 0
+
+
+# ---------------------------------------------------------------------------------------
+# main(): the lessons, their summary keys, bad input
+# ---------------------------------------------------------------------------------------
+def lesson_flags(tmp_path, data, **kw):
+    base = dict(data=data, data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), device="cpu",
+                dtype="float32", seed=0, vocab_size=2048, n_layer=1, n_embd=32, n_head=2, block_size=32,
+                batch_size=4, max_steps=30, max_seconds=0, eval_interval=15, eval_iters=2, log_interval=15,
+                warmup_steps=5, num_samples=1, max_new_tokens=8, entropy_layers=1, entropy_embd=16)
+    base.update(kw)
+    return [a for k, v in base.items() for a in (f"--{k}", str(v))]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_lessons_write_their_keys_and_move_the_figures(name, tmp_path, shakespeare):
+    mod = load(name)
+    summary = mod.main(lesson_flags(tmp_path, shakespeare, only="boundless"))
+    b = summary["boundless"]
+    assert set(b) >= {"bpe", "boundless", "wall_s"}
+    for kind in ("bpe", "boundless"):
+        assert set(b[kind]) >= {"bytes_per_token", "renyi_efficiency", "train_s", "val_bpb"}
+        assert 0 < b[kind]["renyi_efficiency"] < 1 and b[kind]["val_bpb"] < 8
+    assert b["boundless"]["bytes_per_token"] > b["bpe"]["bytes_per_token"]  # superwords compress
+    assert b["boundless"]["superwords"] > 50 and b["bpe"]["superwords"] == 0
+    out = tmp_path / "out"
+    assert (out / "tokens-boundless" / "tokenizer.json").exists()
+    # --only patches reruns tokens-bpe (--overwrite) and keeps the boundless figures
+    # (200 steps at a high rate: a tiny entropy model whose entropies spread around 3 nats)
+    summary = mod.main(lesson_flags(tmp_path, shakespeare, only="patches", overwrite="true", patch_threshold=3.5,
+                                    max_steps=200, eval_interval=100, log_interval=100, learning_rate=5e-3))
+    p = summary["patches"]
+    assert read_summary(out)["boundless"] == b
+    assert 1.5 < p["mean_patch_length"] < 32
+    patches = sum(p["patch_length_histogram"].values())
+    val_bytes = (len(Path(shakespeare).read_bytes()) - int(0.9 * len(Path(shakespeare).read_bytes()))) // 32 * 32
+    assert patches * p["mean_patch_length"] == pytest.approx(val_bytes, abs=32)
+    assert p["bpe_bytes_per_token"] == pytest.approx(b["bpe"]["bytes_per_token"], rel=0.02)
+    for k in ("latent", "tokens"):
+        assert p[k]["val_bpb"] < math.log2(261) - 3 and p[k]["flops_per_byte"] > 0  # 8 bits: uniform
+    assert (out / "patches.txt").exists()
+    assert (out / "latent" / "best.pt").exists() and (out / "entropy" / "best.pt").exists()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_lesson_run_is_not_overwritten_by_accident(name, tmp_path, shakespeare, capsys):
+    mod = load(name)
+    flags = lesson_flags(tmp_path, shakespeare, only="boundless", vocab_size=300, max_steps=2, eval_interval=2)
+    mod.main(flags)
+    before = (tmp_path / "out" / "tokens-bpe" / "best.pt").read_bytes()
+    err = expect_exit_2(capsys, mod.main, flags)
+    assert "tokens-bpe holds a run" in err and "--overwrite" in err
+    assert (tmp_path / "out" / "tokens-bpe" / "best.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("case", ["empty", "whitespace", "small_vocab", "threshold", "negative_threshold",
+                                  "other_kind", "heads"])
+def test_bad_input_is_one_line_and_exit_2(name, case, tmp_path, shakespeare, capsys):
+    mod = load(name)
+    flags = dict(only="boundless")
+    if case in ("empty", "whitespace"):
+        flags["data"] = write(tmp_path / "t.txt", "" if case == "empty" else " \n\t \n" * 100)
+    elif case == "small_vocab":
+        flags["vocab_size"] = 260  # 256 bytes + 6 special tokens do not fit
+    elif case in ("threshold", "negative_threshold"):
+        flags.update(only="patches", patch_threshold=0 if case == "threshold" else -1.5)
+    elif case == "other_kind":
+        trained(mod, kind="bpe").save(tmp_path / "bpe.json")
+        flags.update(sample_only="true", tokenizer="boundless", tokenizer_file=str(tmp_path / "bpe.json"))
+    else:
+        flags.update(only="patches", n_embd=40, n_head=4)  # the local layers' heads: 20 / 4 = 5 wide, odd
+    err = expect_exit_2(capsys, mod.main, lesson_flags(tmp_path, flags.pop("data", shakespeare), **flags))
+    want = {"empty": "empty", "whitespace": "whitespace", "small_vocab": "--vocab_size", "threshold": "--patch_threshold",
+            "negative_threshold": "--patch_threshold", "other_kind": "not a BoundlessBPE", "heads": "--n_embd"}[case]
+    assert want in err, err
+    assert not (tmp_path / "out" / "summary.json").exists()
