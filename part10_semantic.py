@@ -2617,8 +2617,7 @@ def token_model(cfg, text, kind, device, dtype, trained):
     if kind in trained:
         return trained[kind]
     train_text, val_text = held_out_text(text)
-    run = lesson_run(cfg, f"tokens-{kind}", tokenizer=kind)
-    writable_dir(run.out_dir, "--out_dir")
+    run = lesson_run(cfg, f"tokens-{kind}", tokenizer=kind)  # its folder was claimed by main()
     cls = BoundlessBPETokenizer if kind == "boundless" else BPETokenizer
     with Timer() as t:
         tokenizer = cls.train(train_text, cfg.vocab_size, ("<|endoftext|>", *CHAT_TOKENS))
@@ -2665,7 +2664,8 @@ def patches_lesson(cfg, text, device, dtype, trained):
     train_data, val_data = split_data(data)
     entropy, starts = text_patches(entropy_model, val_data, cfg.patch_threshold, cfg.patch_rise, block)
     lengths = np.diff(np.flatnonzero(starts), append=len(starts))
-    histogram = {str(n): int(c) for n, c in enumerate(np.bincount(np.minimum(lengths, 16))) if n and c}
+    histogram = {(str(n) if n < 16 else "16+"): int(c) for n, c in enumerate(np.bincount(np.minimum(lengths, 16)))
+                 if n and c}  # patches of each length, in bytes
     head = bytes(np.asarray(val_data[:4 * block], dtype=np.uint8))  # the passage: a paragraph's first 160 bytes
     first = head.find(b"\n\n") + 2 if b"\n\n" in head[:block] else 0
     passage = head[first:first + min(block, 160)].decode("utf-8", errors="replace")
