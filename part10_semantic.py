@@ -1,4 +1,4 @@
-"""Part 10 - Beyond tokens: BoundlessBPE and entropy-based byte patches.
+"""Part 10 - Beyond tokens: BoundlessBPE, byte patches, concepts, hyperbolic embeddings.
 
 New in this part
   10.1 BoundlessBPE (Schmidt et al., COLM 2025): after BPE's merges inside pretokens,
@@ -15,22 +15,37 @@ New in this part
        byte-latent model (ByteLatent: a local encoder pooled per patch, a latent transformer
        over the patches, a local decoder for the bytes): val bpb and training FLOPs per
        byte next to the BPE model's, same training time.
+  10.3 Large Concept Model (LCM team, Meta, 2024): a concept is a whole sentence as one unit
+       vector, from a sentence autoencoder trained here (SentenceAutoencoder: held-out
+       reconstruction, exact and per character); a Base-LCM (BaseLCM: pre-net, causal
+       transformer, post-net) regresses the next concept of a document with the MSE. On
+       held-out documents: next-concept cosine against repeating the last concept and
+       against the mean concept, the rank of the true next sentence among 100, and a
+       continuation decoded sentence by sentence until the end-of-text concept.
+  10.4 Poincare embeddings (Nickel & Kiela, NeurIPS 2017): a hierarchy's closure pairs
+       (--hierarchy TSV; by default the standard library's package tree) in the Poincare
+       ball, the softmax loss over sampled negatives, Riemannian SGD with a burn-in, all
+       batched; reconstruction mean rank and MAP against a Euclidean embedding at
+       dimensions 2, 5 and 10; the 2-D disk drawn (poincare.png).
   Part10 keeps the model, the tokenizers, the data path, the trainer and generation; it
   drops the alignment stages of parts 06-09 (the task suite and SFT, the reward model, PPO,
   GRPO), listed under Replaces. Every lesson trains its models in run folders of its own.
 
 Run
   python part10_semantic.py                      # every lesson briefly, in order
-  python part10_semantic.py --only boundless     # one lesson (boundless, patches)
+  python part10_semantic.py --only boundless     # one lesson (boundless, patches, lcm, poincare)
   python part10_semantic.py --only boundless --vocab_size 16384 --overwrite
   python part10_semantic.py --sample_only --out_dir out/part10/tokens-boundless --tokenizer boundless
+  python part10_semantic.py --only poincare --hierarchy closure.tsv --dim 5
 
 Milestone: each lesson's figures (the CPU run's are in the README), in
 out/part10/summary.json under the lesson's key: `boundless` {"bpe", "boundless"}, each with
 `bytes_per_token`, `renyi_efficiency`, `train_s`, `val_bpb`; `patches` with
 `mean_patch_length`, `patch_length_histogram`, `bpe_bytes_per_token`, and `latent` and
-`tokens`, each with `val_bpb` and `flops_per_byte`. `--only` updates its lesson's key and
-keeps the others.
+`tokens`, each with `val_bpb` and `flops_per_byte`; `lcm` with `cosine`, `cosine_repeat_last`,
+`cosine_mean`, `rank_of_next`, `reconstruction_exact`; `poincare` with `poincare` and
+`euclidean`, each {DIM: {"mean_rank", "map"}}, and `wall_s`. `--only` updates its lesson's
+key and keeps the others.
 
 Replaces: AllToAll, exchange, shard_experts, expert_shards, leave_expert_shards_out_of_ddp
 Replaces: fill_expert_grads, a2a_bytes, clip_grad_norm, gather_experts, full_state
@@ -83,6 +98,7 @@ import re
 import signal
 import shutil
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -179,12 +195,26 @@ class Config:
     export_hf: str = ""  # after training (or with --sample_only) also write a Hugging Face model folder here
     init_from: str = ""  # with --sample_only: sample from the weights and tokenizer of this Hugging Face folder
     # 10 beyond tokens
-    only: Literal["all", "boundless", "patches"] = "all"  # run one lesson (all: every lesson briefly, in order)
+    only: Literal["all", "boundless", "patches", "lcm", "poincare"] = "all"  # run one lesson (all: every lesson briefly, in order)
     patch_threshold: float = 2.7  # 10.2 a patch starts at a byte whose entropy (nats, under the entropy model) exceeds this
     patch_rise: float = 0.0  # 10.2 ... or rises by more than this over the byte before (0 = off)
     entropy_layers: int = 2  # 10.2 blocks of the small byte-level model that gives next-byte entropies
     entropy_embd: int = 64  # 10.2 its width
     local_layers: int = 1  # 10.2 blocks of the byte-latent model's local encoder, and of its local decoder (width n_embd / 2)
+    sentence_len: int = 64  # 10.3 the longest sentence, in bytes (a longer one is wrapped at spaces)
+    concept_dim: int = 64  # 10.3 the size of a concept: a sentence as a unit vector
+    concept_layers: int = 2  # 10.3 blocks of the sentence encoder, and of its decoder
+    sentence_batch: int = 32  # 10.3 sentences per autoencoder step
+    autoencoder_steps: int = 4000  # 10.3 the autoencoder's schedule: a concept space needs many more steps than a model of text
+    autoencoder_seconds: float = 120.0  # 10.3 ... and its time limit (0 = all autoencoder_steps)
+    lcm_context: int = 16  # 10.3 concepts the Base-LCM sees at once
+    hierarchy: str = ""  # 10.4 a TSV of child<TAB>ancestor pairs (a transitive closure); empty = the standard library's package tree
+    dim: int = 0  # 10.4 the one dimension to embed in (0 = 2, 5 and 10, compared)
+    poincare_epochs: int = 100  # 10.4 passes over the closure pairs
+    poincare_lr: float = 0.2  # 10.4 learning rate of (Riemannian) SGD after the burn-in
+    poincare_batch: int = 64  # 10.4 closure pairs per step
+    negatives: int = 10  # 10.4 sampled nodes each pair's softmax compares against
+    burn_in: int = 10  # 10.4 first epochs at a tenth of --poincare_lr
 
 
 # ----------------------------------------------------------------------------------------
@@ -2592,9 +2622,444 @@ class ByteLatent(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
+# 10.3 Large Concept Model: sentences as vectors, a transformer that predicts the next one
+# ----------------------------------------------------------------------------------------
+END_OF_TEXT = "End of text."  # the last sentence of every document: its concept ends generation
+SENTENCE_END = regex.compile(r"(?<=[.!?;:])\s+")
+
+
+def documents_of(text, max_len):
+    """Text -> documents, each a list of sentences: a document is a paragraph (blank lines
+    between), its lines joined by spaces; sentences end at . ! ? ; : and a longer one is
+    wrapped at spaces into pieces of at most max_len bytes. Each document ends with
+    END_OF_TEXT, as the LCM's training documents do."""
+    docs = []
+    for paragraph in regex.split(r"\n\s*\n", text):
+        sentences = []
+        for s in SENTENCE_END.split(" ".join(paragraph.split())):
+            piece = ""
+            for word in s.split(" "):
+                word = word.encode("utf-8")[:max_len].decode("utf-8", errors="ignore")
+                if piece and len((piece + " " + word).encode("utf-8")) > max_len:
+                    sentences.append(piece)
+                    piece = word
+                else:
+                    piece = f"{piece} {word}" if piece else word
+            if piece:
+                sentences.append(piece)
+        if sentences:
+            docs.append(sentences + [END_OF_TEXT])
+    return docs
+
+
+def sentence_batch(sentences, device):
+    """Sentences -> (ids (B, L + 1): the bytes then EOS (256), PAD (257) after; lengths (B,))."""
+    rows = [list(s.encode("utf-8")) + [256] for s in sentences]
+    ids = torch.full((len(rows), max(map(len, rows))), 257, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+    return ids.to(device), torch.tensor([len(r) - 1 for r in rows], device=device)
+
+
+class SentenceAutoencoder(nn.Module):
+    """10.3 The concept space, trained here so that the lesson runs offline (the LCM paper
+    uses SONAR). The encoder (--concept_layers blocks of width n_embd / 2 over the bytes and
+    an end token) reads the sentence; its state at the end token, projected to --concept_dim
+    and scaled to unit length, is the concept: one point on a sphere per sentence. The
+    decoder (as many blocks) starts from the concept in place of a first token, sees it
+    added to every byte it reads too, and writes the bytes back, causally, to the end token."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        local = dataclasses.replace(cfg, n_embd=cfg.n_embd // 2)
+        C = local.n_embd
+        self.cfg = cfg
+        self.wte = nn.Embedding(258, C)  # bytes, EOS, PAD
+        self.encoder = nn.ModuleList(Block(local, i) for i in range(cfg.concept_layers))
+        self.ln_enc = make_norm(local)
+        self.to_concept = nn.Linear(C, cfg.concept_dim, bias=False)
+        self.from_concept = nn.Linear(cfg.concept_dim, C, bias=False)
+        self.decoder = nn.ModuleList(Block(local, i) for i in range(cfg.concept_layers))
+        self.ln_f = make_norm(local)
+        self.lm_head = nn.Linear(C, 258, bias=False)
+        self.apply(GPT._init_weights)
+        cos, sin = rope_angles(torch.arange(cfg.sentence_len + 2), C // cfg.n_head)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def blocks(self, blocks, x):
+        T = x.size(1)
+        for i, block in enumerate(blocks):
+            x = block(x, torch.arange(T, device=x.device), (self.rope_cos[:T], self.rope_sin[:T]), layer=i)
+        return x
+
+    def encode(self, ids, lengths):
+        """(B, L + 1) bytes + EOS (PAD after) -> (B, concept_dim) unit vectors: the state at
+        EOS, which has read the whole sentence (attention is causal; the padding comes after)."""
+        h = self.ln_enc(self.blocks(self.encoder, self.wte(ids)))  # (B, L + 1, C)
+        last = h[torch.arange(len(ids), device=ids.device), lengths]  # (B, C)
+        return F.normalize(self.to_concept(last), dim=-1)
+
+    def decode_logits(self, concepts, ids):
+        """Teacher forcing: position 0 holds the concept, position t + 1 the byte t plus the
+        concept, and each predicts the next byte (the first, ..., EOS). (B, D), (B, T) ->
+        (B, T + 1, 258). The concept at every position: a decoder that sees it only once
+        learns to be a language model first, and to read the concept very late."""
+        c = self.from_concept(concepts)[:, None]  # (B, 1, C)
+        x = torch.cat([c, self.wte(ids) + c], dim=1)
+        return self.lm_head(self.ln_f(self.blocks(self.decoder, x)))
+
+    def forward(self, ids, lengths):
+        """-> (logits, the reconstruction loss in nats per byte, EOS included)."""
+        logits = self.decode_logits(self.encode(ids, lengths), ids[:, :-1])  # (B, L + 1, 258)
+        targets = ids.masked_fill(ids == 257, -100)  # the bytes and EOS; no loss on padding
+        return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    @torch.no_grad()
+    def decode(self, concepts, max_len):
+        """Greedy: (B, D) concepts -> B sentences (each stops at EOS or max_len bytes)."""
+        ids = torch.zeros(len(concepts), 0, dtype=torch.long, device=concepts.device)
+        for _ in range(max_len + 1):
+            nxt = self.decode_logits(concepts, ids)[:, -1, :257].argmax(-1, keepdim=True)  # (B, 1), never PAD
+            ids = torch.cat([ids, nxt], dim=1)
+            if (ids == 256).any(1).all():
+                break
+        rows = [r[:r.index(256)] if 256 in r else r for r in ids.tolist()]
+        return [bytes(min(b, 255) for b in r).decode("utf-8", errors="replace") for r in rows]
+
+
+class BaseLCM(nn.Module):
+    """10.3 The Base-LCM (LCM team, Meta, 2024): a causal transformer (n_layer blocks) over a
+    document's concepts, between a pre-net (concept -> model width) and a post-net (model
+    width -> concept), trained to regress the next concept with the mean squared error.
+    forward(concepts (B, N, D), mask (B, N)) -> (predictions (B, N, D), loss over the
+    positions whose next concept is real)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.pre_net = nn.Linear(cfg.concept_dim, cfg.n_embd)
+        self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg)
+        self.post_net = nn.Linear(cfg.n_embd, cfg.concept_dim)
+        self.apply(GPT._init_weights)
+        cos, sin = rope_angles(torch.arange(cfg.lcm_context), cfg.n_embd // cfg.n_head)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, concepts, mask=None):
+        B, N, _ = concepts.shape
+        x = self.pre_net(concepts)  # (B, N, D) -> (B, N, C)
+        for i, block in enumerate(self.h):
+            x = block(x, torch.arange(N, device=x.device), (self.rope_cos[:N], self.rope_sin[:N]), layer=i)
+        pred = self.post_net(self.ln_f(x))  # (B, N, D): the concept that comes next
+        loss = None
+        if mask is not None:  # position i predicts concept i + 1 where both are real
+            keep = (mask[:, :-1] & mask[:, 1:]).float()[..., None]
+            err = ((pred[:, :-1].float() - concepts[:, 1:].float()) ** 2) * keep
+            loss = err.sum() / keep.sum().clamp(min=1) / concepts.size(-1)
+        return pred, loss
+
+
+def fit(model, next_batch, cfg, device, dtype, what):
+    """10.3 Train a model on batches of its own kind, as part04's train() trains GPT: AdamW,
+    warmup + cosine (get_lr), gradient clipping, a loss scaler for float16, a line every
+    --log_interval steps; --max_steps steps or --max_seconds, whichever ends first.
+    next_batch(generator) -> the forward's arguments; the forward returns (output, loss)."""
+    opt = configure_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    t0, losses = time.perf_counter(), []
+    for step in range(1, cfg.max_steps + 1):
+        lr = get_lr(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast_ctx(device, dtype):
+            loss = model(*next_batch(gen))[1]
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+        check_finite(losses[-1], step)
+        elapsed = time.perf_counter() - t0
+        stop = 0 < cfg.max_seconds <= elapsed
+        if step == 1 or step % cfg.log_interval == 0 or stop or step == cfg.max_steps:
+            print(f"{what} step {step:5d}/{cfg.max_steps} | loss {losses[-1]:.4f} | lr {lr:.2e} | {elapsed:.0f}s")
+        if stop:
+            break
+    model.eval()
+    return {"steps": step, "train_loss": float(np.mean(losses[-10:])), "train_s": elapsed}
+
+
+@torch.no_grad()
+def embed_sentences(autoencoder, sentences, device, batch=256):
+    """Sentences -> (n, concept_dim) concepts, in batches."""
+    return torch.cat([autoencoder.encode(*sentence_batch(sentences[i:i + batch], device))
+                      for i in range(0, len(sentences), batch)]).float()
+
+
+def concept_windows(sequences, cfg, device, gen):
+    """A batch of --batch_size windows of at most --lcm_context concepts, each from a random
+    document at a random start; right-padded, with the mask of real positions."""
+    picks = torch.randint(len(sequences), (cfg.batch_size,), generator=gen).tolist()
+    windows = []
+    for i in picks:
+        seq = sequences[i]
+        start = int(torch.randint(max(1, len(seq) - cfg.lcm_context + 1), (1,), generator=gen))
+        windows.append(seq[start:start + cfg.lcm_context])
+    N = max(len(w) for w in windows)
+    x = torch.zeros(len(windows), N, cfg.concept_dim)
+    mask = torch.zeros(len(windows), N, dtype=torch.bool)
+    for b, w in enumerate(windows):
+        x[b, :len(w)], mask[b, :len(w)] = w, True
+    return x.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def next_concept_figures(lcm, sequences, train_mean, pool, gen, candidates=100):
+    """On held-out documents: the cosine of each predicted next concept to the true one,
+    beside two baselines (the last concept again; the mean training concept), and the rank
+    of the true next sentence among `candidates` (it and others drawn from `pool`) by
+    distance to the prediction (1 best, 50.5 by chance). The end-of-text target is left
+    out: it is one fixed point, easy for the model and unfair to the baselines."""
+    cos, repeat, mean, ranks = [], [], [], []
+    for seq in sequences:
+        seq = seq[:lcm.cfg.lcm_context]
+        pred = lcm(seq[None].to(lcm.pre_net.weight.device))[0][0].float().cpu()  # (N, D)
+        for i in range(len(seq) - 2):  # targets 1 .. N-2: the last is the end of text
+            target = seq[i + 1]
+            cos.append(F.cosine_similarity(pred[i], target, dim=0))
+            repeat.append(F.cosine_similarity(seq[i], target, dim=0))
+            mean.append(F.cosine_similarity(train_mean, target, dim=0))
+            others = pool[torch.randint(len(pool), (candidates - 1,), generator=gen)]
+            others = others[(others - target).norm(dim=1) > 1e-6]  # not the true sentence again
+            ranks.append(1 + int(((others - pred[i]).norm(dim=1) < (target - pred[i]).norm()).sum()))
+    return {"cosine": float(torch.stack(cos).mean()), "cosine_repeat_last": float(torch.stack(repeat).mean()),
+            "cosine_mean": float(torch.stack(mean).mean()), "rank_of_next": float(np.mean(ranks)),
+            "candidates": candidates, "predictions": len(cos)}
+
+
+@torch.no_grad()
+def continue_document(lcm, autoencoder, prompt, end, cfg, max_sentences=8):
+    """Generation in concept space: predict the next concept, decode it to a sentence, append
+    the prediction (scaled to unit length) and go on, until the prediction is near the
+    end-of-text concept (cosine > 0.9), --lcm_context concepts, or max_sentences."""
+    context, out = prompt.clone(), []
+    while len(out) < max_sentences and len(context) < cfg.lcm_context:
+        pred = F.normalize(lcm(context[None])[0][0, -1].float(), dim=-1)
+        if F.cosine_similarity(pred, end, dim=0) > 0.9:
+            break
+        out.append(autoencoder.decode(pred[None].to(autoencoder.wte.weight.dtype), cfg.sentence_len)[0])
+        context = torch.cat([context, pred[None].to(context.dtype)])
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# 10.4 Poincare embeddings: a hierarchy in the hyperbolic ball
+# ----------------------------------------------------------------------------------------
+def stdlib_hierarchy():
+    """The offline default hierarchy, real and in every CPython: this Python's standard
+    library as a tree of packages and modules under one root, "stdlib" (email.mime.text ->
+    email.mime -> email -> stdlib), as the pairs (node, ancestor) of its transitive closure."""
+    root = sysconfig.get_paths()["stdlib"]
+    pairs = []
+    for folder, subfolders, files in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        package = [] if rel == "." else rel.split(os.sep)
+        subfolders[:] = sorted(d for d in subfolders if d.isidentifier() and d != "site-packages"
+                               and os.path.exists(os.path.join(folder, d, "__init__.py")))
+        names = [".".join(package + [d]) for d in subfolders]
+        names += [".".join(package + [f[:-3]]) for f in sorted(files)
+                  if f.endswith(".py") and f != "__init__.py" and f[:-3].isidentifier()]
+        for name in names:
+            parts = name.split(".")
+            pairs += [(name, ".".join(parts[:i])) for i in range(1, len(parts))] + [(name, "stdlib")]
+    return pairs
+
+
+def read_hierarchy(path):
+    """A TSV of (child, ancestor) lines, a transitive closure -> the pairs. A line without two
+    fields ends the run (exit 2) naming it."""
+    pairs = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                fields = line.rstrip("\r\n").split("\t")
+                if len(fields) != 2 or not all(fields):
+                    die(f"--hierarchy {path}:{n}: expected child<TAB>ancestor, got {line.strip()[:60]!r}")
+                pairs.append(tuple(fields))
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"--hierarchy {path}: cannot read it ({type(e).__name__})")
+    return pairs
+
+
+def index_hierarchy(pairs, where):
+    """(child, ancestor) names -> (names, (P, 2) int64 ids). A node that is its own ancestor,
+    or a cycle (a node among its own ancestors, by depth-first search), ends the run."""
+    if not pairs:
+        die(f"{where}: no (child, ancestor) pairs")
+    for child, ancestor in pairs:
+        if child == ancestor:
+            die(f"{where}: {child!r} is its own parent")
+    names = sorted({n for p in pairs for n in p})
+    ids = {n: i for i, n in enumerate(names)}
+    up = collections.defaultdict(list)
+    for child, ancestor in pairs:
+        up[ids[child]].append(ids[ancestor])
+    state = [0] * len(names)  # 0 unseen, 1 on the path being walked, 2 done
+    for start in range(len(names)):
+        if state[start]:
+            continue
+        state[start], path = 1, [(start, iter(up[start]))]
+        while path:  # depth-first, without recursion: a deep hierarchy cannot overflow the stack
+            node, ancestors = path[-1]
+            nxt = next(ancestors, None)
+            if nxt is None:
+                state[node] = 2
+                path.pop()
+            elif state[nxt] == 1:
+                die(f"{where}: a cycle: {names[nxt]!r} is an ancestor of {names[node]!r} and of itself")
+            elif state[nxt] == 0:
+                state[nxt] = 1
+                path.append((nxt, iter(up[nxt])))
+    return names, torch.tensor([[ids[c], ids[a]] for c, a in sorted(set(pairs))], dtype=torch.long)
+
+
+def poincare_distance(u, v):
+    """10.4 The distance of the Poincare ball (Nickel & Kiela, NeurIPS 2017), broadcast over
+    leading dimensions: arcosh(1 + 2 |u - v|^2 / ((1 - |u|^2)(1 - |v|^2))). Near the
+    origin it is about twice the Euclidean distance; toward the boundary it grows without
+    bound, so a tree's exponentially many leaves find room there."""
+    sq = ((u - v) ** 2).sum(-1)
+    z = 2 * sq / ((1 - (u * u).sum(-1)) * (1 - (v * v).sum(-1))).clamp_min(1e-15)
+    # arcosh(1 + z) = log(1 + z + sqrt(z (z + 2))), the root kept off 0: at u = v its
+    # gradient would be infinite (times 0: NaN), and siblings do come that close
+    return torch.log1p(z + (z * (z + 2)).clamp_min(1e-12).sqrt())
+
+
+def euclidean_distance(u, v):
+    return ((u - v) ** 2).sum(-1).clamp_min(1e-15).sqrt()
+
+
+def project_to_ball(x, eps=1e-5):
+    """Rows of norm >= 1 - eps back onto that sphere, in place: the ball is open."""
+    norm = x.norm(dim=-1, keepdim=True)
+    x.mul_(torch.where(norm >= 1 - eps, (1 - eps) / norm, torch.ones_like(norm)))
+    return x
+
+
+def embedding_loss(weight, batch, negatives, valid, distance):
+    """Nickel & Kiela's loss: for a pair (u, v), a softmax over the negative distances from u
+    to v and to K sampled nodes not related to u, -log(e^-d(u,v) / sum e^-d(u,v')). batch
+    (B, 2) ids, negatives (B, K) ids, valid (B, K) bool (a sample that hit a relative of u
+    is left out); summed over the batch, so each pair's gradient has the same size at any B."""
+    u = weight[batch[:, 0]][:, None]  # (B, 1, D)
+    v = weight[torch.cat([batch[:, 1:], negatives], dim=1)]  # (B, 1 + K, D)
+    logits = -distance(u, v)  # (B, 1 + K)
+    logits = logits.masked_fill(torch.cat([torch.zeros_like(valid[:, :1]), ~valid], dim=1), -math.inf)
+    return F.cross_entropy(logits, torch.zeros(len(batch), dtype=torch.long, device=weight.device), reduction="sum")
+
+
+def riemannian_sgd_step(weight, lr):
+    """10.4 One Riemannian SGD step in the ball: the Euclidean gradient times the inverse of
+    the metric, (1 - |x|^2)^2 / 4 (small near the boundary, where distances are stretched),
+    then every point projected back inside."""
+    with torch.no_grad():
+        scale = (1 - (weight * weight).sum(-1, keepdim=True)) ** 2 / 4
+        weight -= lr * scale * weight.grad
+        project_to_ball(weight)
+    weight.grad = None
+
+
+def train_embedding(n_nodes, pairs, dim, cfg, geometry="poincare"):
+    """Embed the closure pairs (P, 2) in dim dimensions: --poincare_epochs passes over the
+    pairs in shuffled batches of --poincare_batch, --negatives samples each (uniform over the
+    nodes; those related to u, either way, and u itself left out of its softmax), the first
+    --burn_in epochs at a tenth of --poincare_lr (N&K's burn-in: the points find their
+    angular places before they move outward). Poincare: Riemannian SGD; Euclidean: plain SGD
+    on the same loss. Batched: no Python loop over pairs. -> (n_nodes, dim) float32."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    weight = ((torch.rand(n_nodes, dim, generator=gen) * 2 - 1) * 1e-3).requires_grad_()
+    related = torch.cat([pairs[:, 0] * n_nodes + pairs[:, 1], pairs[:, 1] * n_nodes + pairs[:, 0]]).unique()
+    distance = poincare_distance if geometry == "poincare" else euclidean_distance
+    for epoch in range(cfg.poincare_epochs):
+        lr = cfg.poincare_lr / 10 if epoch < cfg.burn_in else cfg.poincare_lr
+        for batch in pairs[torch.randperm(len(pairs), generator=gen)].split(cfg.poincare_batch):
+            negatives = torch.randint(0, n_nodes, (len(batch), cfg.negatives), generator=gen)
+            keys = batch[:, :1] * n_nodes + negatives
+            valid = ~torch.isin(keys, related) & (negatives != batch[:, :1])
+            embedding_loss(weight, batch, negatives, valid, distance).backward()
+            if geometry == "poincare":
+                riemannian_sgd_step(weight, lr)
+            else:
+                with torch.no_grad():
+                    weight -= lr * weight.grad
+                weight.grad = None
+    return weight.detach()
+
+
+@torch.no_grad()
+def reconstruction(weight, pairs, distance, chunk=256):
+    """Mean rank and MAP of the closure from the embedding, as gensim's
+    ReconstructionEvaluation computes them (so that the figures compare): for each node u
+    with ancestors, each ancestor's rank among every node that is not one of u's ancestors
+    (u itself included, at distance 0: the best rank is 2), and u's average precision.
+    Distances from `chunk` nodes at a time: memory grows with the nodes, not their square."""
+    ancestors = collections.defaultdict(list)
+    for child, ancestor in pairs.tolist():
+        ancestors[child].append(ancestor)
+    children = sorted(ancestors)
+    ranks, precisions = [], []
+    for start in range(0, len(children), chunk):
+        rows = children[start:start + chunk]
+        d = distance(weight[rows][:, None], weight[None])  # (R, N)
+        for r, u in enumerate(rows):
+            positive = torch.zeros(len(weight), dtype=torch.bool)
+            positive[ancestors[u]] = True
+            pos, neg = d[r][positive], d[r][~positive]
+            rank = (neg[None] < pos[:, None]).sum(1) + 1  # (k,)
+            ranks.append(rank)
+            ordered = rank.sort().values + torch.arange(len(rank))  # places in the whole ranking
+            precisions.append((torch.arange(1, len(rank) + 1) / ordered).mean())
+    return float(torch.cat(ranks).double().mean()), float(torch.stack(precisions).double().mean())
+
+
+def plot_disk(path, weight, names, pairs, labels=12):
+    """The 2-D Poincare embedding as a disk, the closure's edges to direct parents faint and
+    the nodes nearest the origin (the top levels) labeled (when matplotlib is installed)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 7))
+    ax.add_patch(plt.Circle((0, 0), 1, fill=False, color="gray"))
+    w = weight.numpy()
+    ax.scatter(w[:, 0], w[:, 1], s=4)
+    for i in weight.norm(dim=1).argsort()[:labels].tolist():
+        ax.annotate(names[i], w[i], fontsize=8)
+    ax.set_xlim(-1.05, 1.05)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------
 # 10 The lessons: each trains its models in run folders of its own and returns its figures
 # ----------------------------------------------------------------------------------------
-LESSON_RUNS = {"boundless": ("tokens-bpe", "tokens-boundless"), "patches": ("entropy", "latent", "tokens-bpe")}
+LESSON_RUNS = {"boundless": ("tokens-bpe", "tokens-boundless"), "patches": ("entropy", "latent", "tokens-bpe"),
+               "lcm": (), "poincare": ()}
 
 
 def lesson_run(cfg, name, **changes):
@@ -2697,7 +3162,85 @@ def patches_lesson(cfg, text, device, dtype, trained):
     return figures
 
 
-LESSONS = {"boundless": boundless_lesson, "patches": patches_lesson}
+def lcm_lesson(cfg, text, device, dtype, trained):
+    """10.3 Sentences of --data (a paragraph is a document) into concepts by a sentence
+    autoencoder trained here; its held-out reconstruction; then a Base-LCM trained on the
+    training documents' concept sequences: next-concept cosine against the baselines, the
+    rank of the true next sentence, and a continuation decoded sentence by sentence."""
+    docs = [d for d in documents_of(text, cfg.sentence_len) if len(d) > 2]
+    if len(docs) < 10:
+        die(f"--data: {len(docs)} paragraphs of two or more sentences; the LCM lesson needs at least 10")
+    cut = max(1, int(0.9 * len(docs)))
+    train_docs, val_docs = docs[:cut], docs[cut:]
+    train_sentences = [s for d in train_docs for s in d]
+    print(f"10.3 {len(docs):,} documents ({len(train_docs):,} train, {len(val_docs):,} held out), "
+          f"{len(train_sentences):,} training sentences of at most {cfg.sentence_len} bytes")
+    autoencoder = SentenceAutoencoder(cfg).to(device)
+    fitted = fit(autoencoder, lambda gen: sentence_batch(
+        [train_sentences[i] for i in torch.randint(len(train_sentences), (cfg.sentence_batch,), generator=gen)],
+        device), dataclasses.replace(cfg, max_steps=cfg.autoencoder_steps, max_seconds=cfg.autoencoder_seconds),
+        device, dtype, "autoencoder")
+    probe = [s for d in val_docs for s in d[:-1]][:200]  # held-out sentences (not the end marker)
+    with autocast_ctx(device, dtype):
+        decoded = autoencoder.decode(embed_sentences(autoencoder, probe, device).to(device), cfg.sentence_len)
+    exact = float(np.mean([a == b for a, b in zip(decoded, probe)]))
+    chars = float(np.mean([sum(x == y for x, y in zip(a, b)) / max(len(a), len(b)) for a, b in zip(decoded, probe)]))
+    print(f"  held-out reconstruction: {exact:.1%} of {len(probe)} sentences exact, {chars:.1%} of the characters")
+    for a, b in list(zip(probe, decoded))[:3]:
+        print(f"    {a!r} -> {b!r}")
+
+    concepts = embed_sentences(autoencoder, train_sentences, device).cpu()
+    sequences = list(concepts.split([len(d) for d in train_docs]))
+    held_out = list(embed_sentences(autoencoder, [s for d in val_docs for s in d], device).cpu()
+                    .split([len(d) for d in val_docs]))
+    end = embed_sentences(autoencoder, [END_OF_TEXT], device)[0].cpu()
+    lcm = BaseLCM(cfg).to(device)
+    lcm_fit = fit(lcm, lambda gen: concept_windows(sequences, cfg, device, gen), cfg, device, dtype, "Base-LCM")
+    save_checkpoint(os.path.join(cfg.out_dir, "lcm.pt"), {"autoencoder": autoencoder.state_dict(),
+                                                          "lcm": lcm.state_dict(), "config": dataclasses.asdict(cfg)})
+    lcm = lcm.float().cpu()  # evaluation and generation on the CPU: one document at a time
+    pool = torch.cat([s[:-1] for s in held_out])
+    figures = next_concept_figures(lcm, held_out, concepts.mean(0), pool, torch.Generator().manual_seed(cfg.seed))
+    print(f"  next concept on held-out documents: cosine {figures['cosine']:.3f} (the last one again "
+          f"{figures['cosine_repeat_last']:.3f}, the mean concept {figures['cosine_mean']:.3f}); the true next "
+          f"sentence ranks {figures['rank_of_next']:.1f} of {figures['candidates']} on average (50.5 by chance)")
+    prompt_doc = next((d for d in val_docs if len(d) >= 5), val_docs[0])
+    i = val_docs.index(prompt_doc)
+    generated = continue_document(lcm, autoencoder.float().cpu(), held_out[i][:2], end, cfg)
+    print("  a continuation, decoded sentence by sentence:\n" + "\n".join(
+        [f"    > {s}" for s in prompt_doc[:2]] + [f"    + {s}" for s in generated]))
+    return {**figures, "reconstruction_exact": exact, "reconstruction_chars": chars,
+            "autoencoder": fitted, "lcm": lcm_fit, "documents": len(docs), "continuation": generated}
+
+
+def poincare_lesson(cfg, text, device, dtype, trained):
+    """10.4 A hierarchy embedded in the Poincare ball and, for comparison, in Euclidean space
+    of the same dimension, trained on the same pairs with the same loss: reconstruction mean
+    rank and MAP at each dimension; the 2-D disk drawn (poincare.png)."""
+    where = cfg.hierarchy or "the standard library's package tree"
+    names, pairs = index_hierarchy(read_hierarchy(cfg.hierarchy) if cfg.hierarchy else stdlib_hierarchy(), where)
+    dims = [cfg.dim] if cfg.dim else [2, 5, 10]
+    print(f"10.4 {where}: {len(names):,} nodes, {len(pairs):,} closure pairs; {cfg.poincare_epochs} epochs "
+          f"({cfg.burn_in} burn-in), {cfg.negatives} negatives, lr {cfg.poincare_lr:g}")
+    figures = {"poincare": {}, "euclidean": {}, "nodes": len(names), "pairs": len(pairs)}
+    embeddings = {}  # "poincare-5" -> (nodes, 5), saved with the names in poincare.pt
+    with Timer() as t:
+        for dim in dims:
+            for geometry, distance in (("poincare", poincare_distance), ("euclidean", euclidean_distance)):
+                set_seed(cfg.seed)
+                weight = train_embedding(len(names), pairs, dim, cfg, geometry)
+                mean_rank, map_ = reconstruction(weight, pairs, distance)
+                figures[geometry][str(dim)] = {"mean_rank": mean_rank, "map": map_}
+                embeddings[f"{geometry}-{dim}"] = weight
+                print(f"  {geometry:<9} dim {dim:>2}: mean rank {mean_rank:8.2f}  MAP {map_:.3f}")
+                if geometry == "poincare" and dim == 2:
+                    plot_disk(os.path.join(cfg.out_dir, "poincare.png"), weight, names, pairs)
+    figures["wall_s"] = t.seconds
+    save_checkpoint(os.path.join(cfg.out_dir, "poincare.pt"), {"names": names, **embeddings})
+    return figures
+
+
+LESSONS = {"boundless": boundless_lesson, "patches": patches_lesson, "lcm": lcm_lesson, "poincare": poincare_lesson}
 
 
 # ----------------------------------------------------------------------------------------
@@ -2719,22 +3262,32 @@ def validate(cfg):
         die(f"--seed must be in [0, 2**63), got {cfg.seed}")
     in_range(cfg, 1, None, "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
              "max_steps", "eval_interval", "eval_iters", "log_interval", "num_samples", "grad_accum",
-             "ckpt_interval", "moe_every", "entropy_layers", "entropy_embd", "local_layers")
+             "ckpt_interval", "moe_every", "entropy_layers", "entropy_embd", "local_layers", "concept_layers",
+             "sentence_batch", "autoencoder_steps", "poincare_epochs", "poincare_batch", "negatives")
     in_range(cfg, 0, None, "n_kv_head", "window", "sink", "max_seconds", "grad_clip", "weight_decay",
              "max_new_tokens", "temperature", "top_k", "warmup_steps", "min_lr", "n_experts",
              "expert_hidden", "n_shared_experts", "capacity_factor", "aux_loss_coef", "z_loss_coef",
-             "balance_rate", "patch_rise")
+             "balance_rate", "patch_rise", "burn_in", "autoencoder_seconds")
+    in_range(cfg, 2, None, "concept_dim")
+    in_range(cfg, 3, None, "lcm_context")
+    in_range(cfg, 8, None, "sentence_len")
     in_range(cfg, 0, 1, "dropout", "beta1", "beta2")
     if min(cfg.learning_rate, cfg.dist_timeout) <= 0:
         die("--learning_rate and --dist_timeout must be positive")
+    if cfg.dim != 0 and cfg.dim < 2:
+        die(f"--dim must be at least 2 (0: compare 2, 5 and 10), got {cfg.dim}")
+    if cfg.poincare_lr <= 0:
+        die(f"--poincare_lr must be positive, got {cfg.poincare_lr}")
+    if cfg.hierarchy and not os.path.isfile(cfg.hierarchy):
+        die(f"--hierarchy {cfg.hierarchy}: no such file")
     if cfg.patch_threshold <= 0:
         die(f"--patch_threshold must be positive (nats of next-byte entropy), got {cfg.patch_threshold}")
-    if cfg.only in ("all", "patches"):  # 10.2 the entropy model's heads, and the byte-latent model's local ones
+    if cfg.only in ("all", "patches", "lcm"):  # 10.2 the entropy model's heads, and the half-width layers
         if cfg.entropy_embd % cfg.n_head or (cfg.entropy_embd // cfg.n_head) % 2:
             die(f"--entropy_embd {cfg.entropy_embd} must split into --n_head {cfg.n_head} heads of an even size")
         if cfg.n_embd % (4 * cfg.n_head):
             die(f"--n_embd {cfg.n_embd} must be a multiple of 4 x --n_head {cfg.n_head}: the byte-latent model's "
-                "local layers have n_head heads of an even size at half the width")
+                "local layers and the sentence autoencoder have n_head heads of an even size at half the width")
     if cfg.resume:
         die("--resume: part10's lessons train every model from the start (--overwrite runs a lesson again)")
     if not 0 < cfg.top_p <= 1:

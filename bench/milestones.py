@@ -29,7 +29,7 @@ FIGURES = {  # part -> the summary keys that make its milestone
     "07": ["pair_accuracy", "auc", "length_corr", "calibration_error", "wall_s"],  # bench/reward.py: the full checks
     "08": ["rm_score", "kl", "rl_s", "wall_s"],  # and a row of held-out gold accuracy per model (bench/ppo.py)
     "09": ["kl", "flat_group_fraction", "rl_s", "wall_s"],  # and gold rows as 08's (bench/rl_compare.py)
-    "10": ["wall_s"],  # and a row per tokenizer (10.1) and per model of 10.2 (bench/boundless.py: the vocab sweep)
+    "10": ["wall_s"],  # and rows per lesson (bench/boundless.py: the vocabulary sweep; bench/poincare.py: gensim)
 }
 MILESTONE_FLAGS = {"05": ["--compare", "--tokenizer", "byte"]}
 
@@ -94,6 +94,14 @@ def main():
             row = patches[model]
             print(f"{part:<10} {model:<20} val {row['val_bpb']:.3f} bpb  {row['flops_per_byte'] / 1e6:.2f} MFLOPs/byte"
                   f"  (patches {patches['mean_patch_length']:.2f} bytes, BPE {patches['bpe_bytes_per_token']:.2f})")
+        lcm = s.get("lcm") if part == "10" else None  # 10.3
+        if lcm:
+            print(f"{part:<10} {'Base-LCM':<20} next-concept cosine {lcm['cosine']:.3f} (last {lcm['cosine_repeat_last']:.3f},"
+                  f" mean {lcm['cosine_mean']:.3f})  rank of next {lcm['rank_of_next']:.1f}/100"
+                  f"  reconstruction {lcm['reconstruction_exact']:.1%}")
+        for geometry, by_dim in ((g, s["poincare"][g]) for g in ("poincare", "euclidean")) if part == "10" and "poincare" in s else ():
+            print(f"{part:<10} {geometry:<20} " + "  ".join(f"dim {d}: rank {r['mean_rank']:.2f} MAP {r['map']:.3f}"
+                                                         for d, r in by_dim.items()))
         for row in s.get("ablation", []):
             print(f"{part:<10} {row['name']:<20} params {row['params']:,}  {row['tokens_per_s']:,.0f} tok/s"
                   f"  val {row['val_loss']:.4f} nats/byte = {row['val_bpb']:.3f} bpb")

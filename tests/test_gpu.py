@@ -365,3 +365,31 @@ def test_byte_latent_model_on_cuda_matches_the_cpu_and_trains(name, dtype):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("name", part_names(10))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_concept_models_train_on_cuda(name, dtype):
+    """10.3 on the GPU: the sentence autoencoder and the Base-LCM train with fit() under
+    autocast (their loss falls), the concepts come out unit-length in float32, and greedy
+    decoding runs on the device."""
+    mod = load(name)
+    torch.manual_seed(0)
+    cfg = mod.Config(n_layer=1, n_head=2, n_embd=64, concept_dim=16, concept_layers=1, sentence_len=32,
+                     lcm_context=8, batch_size=4, max_steps=60, max_seconds=0, warmup_steps=5, log_interval=1000,
+                     learning_rate=3e-3)
+    sentences = ["Speak, speak.", "First Citizen:", "All:", mod.END_OF_TEXT]
+    ae = mod.SentenceAutoencoder(cfg).to(DEV)
+    fitted = mod.fit(ae, lambda gen: mod.sentence_batch(sentences, DEV), cfg, DEV, dtype, "ae")
+    assert fitted["train_loss"] < 1.0
+    with mod.autocast_ctx(DEV, dtype):
+        concepts = mod.embed_sentences(ae, sentences, DEV)
+        decoded = ae.decode(concepts, cfg.sentence_len)
+    assert concepts.dtype == torch.float32 and torch.allclose(concepts.norm(dim=1), torch.ones(4, device=DEV), atol=1e-2)
+    assert len(decoded) == 4
+    seqs = [concepts.cpu()[torch.randperm(4)] for _ in range(10)]
+    lcm = mod.BaseLCM(cfg).to(DEV)
+    x, mask = mod.concept_windows(seqs, cfg, DEV, torch.Generator().manual_seed(0))
+    before = lcm(x, mask)[1].item()
+    mod.fit(lcm, lambda g: mod.concept_windows(seqs, cfg, DEV, g), cfg, DEV, dtype, "lcm")
+    assert lcm(x, mask)[1].item() < before

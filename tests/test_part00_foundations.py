@@ -2,6 +2,7 @@
 gives the same CPU run of every part, loss for loss), the estimator, the mixed-precision
 facts, and the measured summary."""
 import dataclasses
+import json
 import math
 import random
 import subprocess
@@ -83,6 +84,13 @@ def test_seed_repeats_random_streams(name):
     assert all(x != y for x, y in zip(draws(4), a))
 
 
+def without_timings(obj):
+    """A summary's figures less the measured times (keys ending in _s)."""
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if not k.endswith("_s")}
+    return obj
+
+
 def seeded_run(mod, tmp_path, data, seed, out):
     """A tiny CPU run of mod's main(): every number the seed decides, as main() wrote it.
     Dropout makes every step draw random numbers; parts 02 on also draw random windows and
@@ -94,12 +102,15 @@ def seeded_run(mod, tmp_path, data, seed, out):
                    eval_interval=2, eval_iters=2, num_samples=1, max_new_tokens=8)
     if part_number(mod) >= 4:  # the default BPE, small
         run.update(vocab_size=300, warmup_steps=2)
+    if part_number(mod) >= 10:  # the schedules of part10's own lessons, short
+        run.update(autoencoder_steps=4, poincare_epochs=2, dim=2)
     mod.main(as_flags(run))
     if part_number(mod) >= 10:  # a run folder per model the lessons train, and a drawn passage
         folders = sorted(p for p in (tmp_path / out).iterdir() if (p / "metrics.jsonl").exists())
         rows = [{k: v for k, v in row.items() if k.endswith("step") or "loss" in k}
                 for folder in folders for row in read_metrics(folder)]
-        return rows, (tmp_path / out / "patches.txt").read_text()
+        figures = {k: v for k, v in read_summary(tmp_path / out).items() if k in ("lcm", "poincare")}
+        return rows, (tmp_path / out / "patches.txt").read_text() + json.dumps(without_timings(figures))
     rows = [{k: v for k, v in row.items() if k.endswith("step") or "loss" in k}
             for row in read_metrics(tmp_path / out)]
     return rows, (tmp_path / out / "samples.txt").read_text()

@@ -348,3 +348,235 @@ def test_bad_input_is_one_line_and_exit_2(name, case, tmp_path, shakespeare, cap
             "negative_threshold": "--patch_threshold", "other_kind": "not a BoundlessBPE", "heads": "--n_embd"}[case]
     assert want in err, err
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# 10.3 Large Concept Model
+# ---------------------------------------------------------------------------------------
+TINY_DOCS = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+             "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n")
+
+
+def tiny_lcm_cfg(mod, **kw):
+    return mod.Config(**{**dict(n_layer=1, n_head=2, n_embd=32, concept_dim=16, concept_layers=1, sentence_len=48,
+                                lcm_context=8, batch_size=4, sentence_batch=8, seed=0, device="cpu",
+                                dtype="float32", max_seconds=0, warmup_steps=5, log_interval=1000), **kw})
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_documents_are_paragraphs_of_short_sentences_ending_in_the_end_marker(name):
+    mod = load(name)
+    docs = mod.documents_of(TINY_DOCS + "A line far too long to be one sentence of sixteen bytes here. Ok.", 16)
+    assert docs[0] == ["First Citizen:", "Before we", "proceed any", "further, hear me", "speak.", mod.END_OF_TEXT]
+    assert docs[1] == ["All:", "Speak, speak.", mod.END_OF_TEXT]
+    assert all(len(s.encode()) <= 16 for d in docs for s in d)
+    assert len(docs) == 5 and docs[-1][-2:] == ["Ok.", mod.END_OF_TEXT]
+    assert mod.documents_of(" \n\n \n", 16) == []
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_tiny_autoencoder_gives_its_sentences_back(name):
+    mod = load(name)
+    cfg = tiny_lcm_cfg(mod, max_steps=300, learning_rate=1e-2)
+    sentences = ["Speak, speak.", "Resolved. resolved.", "First Citizen:", "All:", mod.END_OF_TEXT,
+                 "Before we proceed"]
+    torch.manual_seed(0)
+    ae = mod.SentenceAutoencoder(cfg)
+    fitted = mod.fit(ae, lambda gen: mod.sentence_batch(sentences, "cpu"), cfg, "cpu", torch.float32, "ae")
+    assert fitted["steps"] == 300 and fitted["train_loss"] < 0.05
+    concepts = mod.embed_sentences(ae, sentences, "cpu")
+    assert torch.allclose(concepts.norm(dim=1), torch.ones(len(sentences)), atol=1e-5)  # unit vectors
+    assert ae.decode(concepts, cfg.sentence_len) == sentences
+    # a concept depends on its sentence alone: padding beside a longer one changes nothing
+    alone = mod.embed_sentences(ae, ["All:"], "cpu")
+    assert torch.allclose(alone[0], concepts[3], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_next_concept_loss_falls_and_the_model_is_causal(name):
+    mod = load(name)
+    cfg = tiny_lcm_cfg(mod, max_steps=80, learning_rate=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    # documents that walk along a few fixed directions: the next concept is predictable
+    basis = torch.nn.functional.normalize(torch.randn(6, 16, generator=gen), dim=-1)
+    sequences = [basis[(torch.arange(7) + int(s)) % 6] for s in torch.randint(6, (40,), generator=gen)]
+    torch.manual_seed(0)
+    lcm = mod.BaseLCM(cfg)
+    x, mask = mod.concept_windows(sequences, cfg, "cpu", torch.Generator().manual_seed(1))
+    before = lcm(x, mask)[1].item()
+    mod.fit(lcm, lambda g: mod.concept_windows(sequences, cfg, "cpu", g), cfg, "cpu", torch.float32, "lcm")
+    after = lcm(x, mask)[1].item()
+    assert after < 0.3 * before
+    pred = lcm(x)[0]
+    y = x.clone()
+    y[:, 4:] = torch.randn_like(y[:, 4:])
+    assert torch.allclose(lcm(y)[0][:, :4], pred[:, :4], atol=1e-5)  # position i sees concepts 0..i only
+    figures = mod.next_concept_figures(lcm, sequences[:5], basis.mean(0), basis, torch.Generator().manual_seed(2),
+                                       candidates=6)
+    assert figures["cosine"] > 0.9 > figures["cosine_repeat_last"] and figures["rank_of_next"] < 1.5
+
+
+# ---------------------------------------------------------------------------------------
+# 10.4 Poincare embeddings
+# ---------------------------------------------------------------------------------------
+def closure_of_tree(depth=4, branching=2):
+    """A complete tree's (node, ancestor) closure pairs, node 0 the root."""
+    parent, nodes = {}, [0]
+    frontier = [0]
+    for _ in range(depth):
+        nxt = []
+        for p in frontier:
+            for _ in range(branching):
+                parent[len(nodes)] = p
+                nxt.append(len(nodes))
+                nodes.append(len(nodes))
+        frontier = nxt
+    pairs = []
+    for n in nodes[1:]:
+        a = parent[n]
+        while True:
+            pairs.append((f"n{n:03d}", f"n{a:03d}"))
+            if a == 0:
+                break
+            a = parent[a]
+    return pairs, parent
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_poincare_distance_by_hand(name):
+    mod = load(name)
+    u, v = torch.tensor([0.3, -0.2], dtype=torch.float64), torch.tensor([-0.1, 0.5], dtype=torch.float64)
+    sq = ((0.3 + 0.1) ** 2 + (-0.2 - 0.5) ** 2)
+    want = math.acosh(1 + 2 * sq / ((1 - 0.13) * (1 - 0.26)))
+    assert mod.poincare_distance(u, v).item() == pytest.approx(want, rel=1e-9)
+    assert mod.poincare_distance(v, u).item() == pytest.approx(want, rel=1e-12)
+    x = torch.rand(20, 3, generator=torch.Generator().manual_seed(0)) * 0.5
+    d = mod.poincare_distance(x[:, None], x[None])
+    assert torch.allclose(d, d.T) and d.diagonal().abs().max() < 1e-5
+    assert mod.poincare_distance(torch.zeros(2), torch.tensor([0.5, 0.0])).item() == pytest.approx(2 * math.atanh(0.5), rel=1e-5)
+    toward = [mod.poincare_distance(torch.zeros(2, dtype=torch.float64), torch.tensor([r, 0.0], dtype=torch.float64)).item()
+              for r in (0.9, 0.99, 0.999, 0.9999999)]
+    assert all(a < b for a, b in zip(toward, toward[1:])) and toward[-1] > 15  # without bound
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_riemannian_sgd_keeps_every_point_inside_the_ball(name):
+    mod = load(name)
+    w = (torch.rand(50, 2, generator=torch.Generator().manual_seed(0)) * 1.8 - 0.9).requires_grad_()
+    for step in range(30):
+        (mod.poincare_distance(w[:25], w[25:]).sum() * -1.0).backward()  # push apart: toward the boundary
+        mod.riemannian_sgd_step(w, lr=50.0)
+        assert (w.detach().norm(dim=1) < 1).all() and torch.isfinite(w).all()
+    assert w.detach().norm(dim=1).max() > 0.999
+    # the step is the Euclidean gradient scaled by (1 - |x|^2)^2 / 4
+    x = torch.tensor([[0.5, 0.0]], requires_grad=True)
+    x.grad = torch.tensor([[1.0, 2.0]])
+    mod.riemannian_sgd_step(x, lr=0.1)
+    assert torch.allclose(x.detach(), torch.tensor([[0.5 - 0.1 * 0.75 ** 2 / 4, -0.2 * 0.75 ** 2 / 4]]))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_small_tree_embeds_parents_inward_and_beats_euclidean(name):
+    mod = load(name)
+    pairs, parent = closure_of_tree()
+    names, ids = mod.index_hierarchy(pairs, "tree")
+    cfg = mod.Config(poincare_epochs=150, poincare_lr=0.2, poincare_batch=16, negatives=10, burn_in=10, seed=0)
+    w = mod.train_embedding(len(names), ids, 2, cfg, "poincare")
+    norms = w.norm(dim=1)
+    closer = [norms[names.index(f"n{parent[c]:03d}")] < norms[names.index(f"n{c:03d}")] for c in parent]
+    assert np.mean(closer) > 0.9
+    depth = {0: 0, **{c: 0 for c in parent}}
+    for c in sorted(parent):
+        depth[c] = depth[parent[c]] + 1
+    by_depth = [norms[[names.index(f"n{n:03d}") for n in depth if depth[n] == k]].mean() for k in range(5)]
+    assert all(a < b for a, b in zip(by_depth, by_depth[1:]))
+    e = mod.train_embedding(len(names), ids, 2, cfg, "euclidean")
+    _, map_p = mod.reconstruction(w, ids, mod.poincare_distance)
+    _, map_e = mod.reconstruction(e, ids, mod.euclidean_distance)
+    assert map_p > map_e + 0.1
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_reconstruction_counts_as_gensim_does(name):
+    mod = load(name)
+    pairs, _ = closure_of_tree(depth=3)
+    names, ids = mod.index_hierarchy(pairs, "tree")
+    w = torch.rand(len(names), 3, generator=torch.Generator().manual_seed(0)) * 0.6 - 0.3
+    mean_rank, map_ = mod.reconstruction(w, ids, mod.poincare_distance)
+    d = mod.poincare_distance(w[:, None].double(), w[None].double()).numpy()
+    relations = collections.defaultdict(set)
+    for c, a in ids.tolist():
+        relations[c].add(a)
+    ranks, aps = [], []
+    for u, pos in relations.items():  # gensim's loop: every node not a positive is a negative, u included
+        pos = sorted(pos)
+        negative = np.ones(len(names), dtype=bool)
+        negative[pos] = False
+        r = np.array([(d[u][negative] < d[u][p]).sum() + 1 for p in pos])
+        ranks += list(r)
+        map_ranks = np.sort(r) + np.arange(len(r))
+        aps.append((np.arange(1, len(r) + 1) / np.sort(map_ranks)).mean())
+    assert mean_rank == pytest.approx(np.mean(ranks)) and map_ == pytest.approx(np.mean(aps), rel=1e-6)
+    assert mean_rank >= 2  # u itself, at distance 0, is always nearer than its ancestors
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_standard_library_gives_a_closure(name):
+    mod = load(name)
+    pairs = set(mod.stdlib_hierarchy())
+    assert {("email.mime.text", "email.mime"), ("email.mime.text", "email"), ("email.mime.text", "stdlib"),
+            ("email", "stdlib"), ("json", "stdlib")} <= pairs
+    names, ids = mod.index_hierarchy(sorted(pairs), "stdlib")
+    assert len(names) > 300 and "stdlib" in names and not any(n.startswith("site-packages") for n in names)
+    ancestors = collections.defaultdict(set)
+    for c, a in pairs:
+        ancestors[c].add(a)
+    for c, ups in ancestors.items():  # transitively closed
+        for a in ups:
+            assert ancestors.get(a, set()) <= ups
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("case", ["fields", "self", "cycle", "dim", "lr", "sentences", "no_file"])
+def test_bad_hierarchy_and_lcm_input_exits_2(name, case, tmp_path, shakespeare, capsys):
+    mod = load(name)
+    flags = dict(only="poincare", poincare_epochs=1)
+    tsv = {"fields": "a\tb\nc\n", "self": "a\tb\nb\tb\n", "cycle": "a\tb\nb\tc\nc\ta\n"}.get(case)
+    if tsv is not None:
+        flags["hierarchy"] = write(tmp_path / "h.tsv", tsv)
+    elif case == "dim":
+        flags["dim"] = 1
+    elif case == "lr":
+        flags["poincare_lr"] = 0
+    elif case == "no_file":
+        flags["hierarchy"] = str(tmp_path / "missing.tsv")
+    else:
+        flags.update(only="lcm", data=write(tmp_path / "t.txt", "no sentence ends here " * 500))
+    err = expect_exit_2(capsys, mod.main, lesson_flags(tmp_path, flags.pop("data", shakespeare), **flags))
+    want = {"fields": "h.tsv:2", "self": "own parent", "cycle": "cycle", "dim": "--dim", "lr": "--poincare_lr",
+            "sentences": "paragraphs", "no_file": "no such file"}[case]
+    assert want in err, err
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_lcm_and_poincare_lessons_write_their_keys(name, tmp_path, shakespeare):
+    mod = load(name)
+    data = write(tmp_path / "t.txt", Path(shakespeare).read_text()[:60_000])
+    summary = mod.main(lesson_flags(tmp_path, data, only="lcm", n_embd=32, concept_dim=16, concept_layers=1,
+                                    max_steps=40, autoencoder_steps=40, sentence_batch=16, lcm_context=8))
+    lcm = summary["lcm"]
+    assert set(lcm) >= {"cosine", "cosine_repeat_last", "cosine_mean", "rank_of_next", "reconstruction_exact"}
+    assert -1 <= lcm["cosine"] <= 1 and 1 <= lcm["rank_of_next"] <= 100 and 0 <= lcm["reconstruction_exact"] <= 1
+    assert lcm["autoencoder"]["steps"] == 40 and lcm["lcm"]["steps"] == 40
+    assert (tmp_path / "out" / "lcm.pt").exists() and (tmp_path / "out" / "poincare.pt").exists() is False
+    pairs, _ = closure_of_tree(depth=3)
+    tsv = write(tmp_path / "tree.tsv", "".join(f"{c}\t{a}\n" for c, a in pairs))
+    summary = mod.main(lesson_flags(tmp_path, data, only="poincare", hierarchy=tsv, poincare_epochs=30))
+    p = summary["poincare"]
+    assert set(p["poincare"]) == set(p["euclidean"]) == {"2", "5", "10"}
+    assert all(set(row) == {"mean_rank", "map"} for g in ("poincare", "euclidean") for row in p[g].values())
+    assert p["poincare"]["2"]["map"] > p["euclidean"]["2"]["map"]
+    saved = torch.load(tmp_path / "out" / "poincare.pt", weights_only=True)
+    assert saved["names"][0] == "n000" and saved["poincare-2"].shape == (len(saved["names"]), 2)
+    assert summary["lcm"] == lcm  # the earlier lesson's key stays
