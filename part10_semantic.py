@@ -1,4 +1,4 @@
-"""Part 10 - Beyond tokens: BoundlessBPE, byte patches, concepts, hyperbolic embeddings.
+"""Part 10 - Beyond tokens: BoundlessBPE, byte patches, concepts, hyperbolic embeddings, quantization.
 
 New in this part
   10.1 BoundlessBPE (Schmidt et al., COLM 2025): after BPE's merges inside pretokens,
@@ -27,13 +27,26 @@ New in this part
        ball, the softmax loss over sampled negatives, Riemannian SGD with a burn-in, all
        batched; reconstruction mean rank and MAP against a Euclidean embedding at
        dimensions 2, 5 and 10; the 2-D disk drawn (poincare.png).
+  10.5 Weight quantization, post-training and weight-only, by hand: int8 with one absmax
+       scale per output channel; int4 in groups of --quant_group inputs, packed two values
+       to a byte (QuantLinear, and the tied embedding and head as one quantized table),
+       against torch.ao.quantization.quantize_dynamic as the library reference.
+  10.6 The KV cache in int8 with a scale per head and position (Int8KVCache): bytes per
+       token against float32 and bf16, and the val bpb computed through the cache.
+  10.7 Compression: each projection matrix by its truncated SVD (LowRankLinear, at
+       --svd_energy or --svd_rank), and a student (--student_layers x --student_embd)
+       distilled from the model (--distill_alpha x the KL at --distill_temperature, plus the
+       rest of the weight on the text's cross-entropy) against the same student
+       trained from scratch for the same steps. One table for all (printed, summary.json
+       `quant`): size on disk, val bpb and its change, tokens/s of cached greedy decoding
+       on the CPU, and agreement (greedy tokens equal to the float model's).
   Part10 keeps the model, the tokenizers, the data path, the trainer and generation; it
   drops the alignment stages of parts 06-09 (the task suite and SFT, the reward model, PPO,
   GRPO), listed under Replaces. Every lesson trains its models in run folders of its own.
 
 Run
   python part10_semantic.py                      # every lesson briefly, in order
-  python part10_semantic.py --only boundless     # one lesson (boundless, patches, lcm, poincare)
+  python part10_semantic.py --only boundless     # one lesson (boundless, patches, lcm, poincare, quant)
   python part10_semantic.py --only boundless --vocab_size 16384 --overwrite
   python part10_semantic.py --sample_only --out_dir out/part10/tokens-boundless --tokenizer boundless
   python part10_semantic.py --only poincare --hierarchy closure.tsv --dim 5
@@ -44,8 +57,10 @@ out/part10/summary.json under the lesson's key: `boundless` {"bpe", "boundless"}
 `mean_patch_length`, `patch_length_histogram`, `bpe_bytes_per_token`, and `latent` and
 `tokens`, each with `val_bpb` and `flops_per_byte`; `lcm` with `cosine`, `cosine_repeat_last`,
 `cosine_mean`, `rank_of_next`, `reconstruction_exact`; `poincare` with `poincare` and
-`euclidean`, each {DIM: {"mean_rank", "map"}}, and `wall_s`. `--only` updates its lesson's
-key and keeps the others.
+`euclidean`, each {DIM: {"mean_rank", "map"}}, and `wall_s`; `quant` with a row per method
+(`float32`, `bfloat16`, `int8`, `int4`, `torch_int8`, `svd`, `student`, `scratch`), each with
+`bytes`, `val_bpb`, `tokens_per_s`, `agreement`, and `kv_cache`. `--only` updates its
+lesson's key and keeps the others.
 
 Replaces: AllToAll, exchange, shard_experts, expert_shards, leave_expert_shards_out_of_ddp
 Replaces: fill_expert_grads, a2a_bytes, clip_grad_norm, gather_experts, full_state
@@ -84,6 +99,7 @@ Replaces: grpo_eval_interval
 import argparse
 import collections
 import contextlib
+import copy
 import dataclasses
 import datetime
 import gc
@@ -95,6 +111,7 @@ import math
 import os
 import random
 import re
+import io
 import signal
 import shutil
 import sys
@@ -102,6 +119,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Literal, get_args, get_origin
 
@@ -195,7 +213,7 @@ class Config:
     export_hf: str = ""  # after training (or with --sample_only) also write a Hugging Face model folder here
     init_from: str = ""  # with --sample_only: sample from the weights and tokenizer of this Hugging Face folder
     # 10 beyond tokens
-    only: Literal["all", "boundless", "patches", "lcm", "poincare"] = "all"  # run one lesson (all: every lesson briefly, in order)
+    only: Literal["all", "boundless", "patches", "lcm", "poincare", "quant"] = "all"  # run one lesson (all: every lesson briefly, in order)
     patch_threshold: float = 2.7  # 10.2 a patch starts at a byte whose entropy (nats, under the entropy model) exceeds this
     patch_rise: float = 0.0  # 10.2 ... or rises by more than this over the byte before (0 = off)
     entropy_layers: int = 2  # 10.2 blocks of the small byte-level model that gives next-byte entropies
@@ -215,6 +233,14 @@ class Config:
     poincare_batch: int = 64  # 10.4 closure pairs per step
     negatives: int = 10  # 10.4 sampled nodes each pair's softmax compares against
     burn_in: int = 10  # 10.4 first epochs at a tenth of --poincare_lr
+    quant_group: int = 0  # 10.5 int4 group size along the input (0: 128, or the largest power of two below it that divides every input width)
+    decode_tokens: int = 48  # 10.5 greedy tokens each held-out prompt decodes for tokens/s and agreement
+    svd_energy: float = 0.9  # 10.7 each projection keeps the rank that holds this much of its squared singular values
+    svd_rank: int = 0  # 10.7 ... or this rank everywhere (0 = by --svd_energy)
+    student_layers: int = 2  # 10.7 blocks of the distilled student (and of the same model trained from scratch)
+    student_embd: int = 64  # 10.7 its width
+    distill_temperature: float = 2.0  # 10.7 both distributions are softened by this before the KL
+    distill_alpha: float = 0.5  # 10.7 the student's loss: this x the KL to the teacher + (1 - this) x the cross-entropy on the text
 
 
 # ----------------------------------------------------------------------------------------
@@ -3056,10 +3082,261 @@ def plot_disk(path, weight, names, pairs, labels=12):
 
 
 # ----------------------------------------------------------------------------------------
+# 10.5 Weight quantization: int8 per output channel, int4 in groups packed two per byte
+# ----------------------------------------------------------------------------------------
+def quantize_int8(w):
+    """(out, in) float -> (int8 (out, in), scale (out, 1)): symmetric, one scale per output
+    channel, its absmax mapped to 127. Every weight comes back within half a step (scale / 2)."""
+    scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+    return torch.round(w / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_int4(w, group):
+    """(out, in) float -> (uint8 (out, in / 2), scale (out, in / group)): symmetric in groups
+    of `group` consecutive inputs of a row, each group's absmax mapped to 7, the values -8..7
+    stored as 0..15 and packed two to a byte (the even column in the low nibble)."""
+    rows, cols = w.shape
+    groups = w.reshape(rows, cols // group, group)  # (out, in) -> (out, groups, group)
+    scale = groups.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 7
+    q = (torch.round(groups / scale).clamp(-8, 7) + 8).to(torch.uint8).reshape(rows, cols)
+    return q[:, 0::2] | (q[:, 1::2] << 4), scale.squeeze(-1)
+
+
+def unpack_int4(packed):
+    """(out, in / 2) uint8 -> (out, in) int8 in -8..7: the low nibble first."""
+    low, high = (packed & 15).to(torch.int8) - 8, (packed >> 4).to(torch.int8) - 8
+    return torch.stack([low, high], dim=-1).flatten(-2)  # (out, in / 2, 2) -> (out, in)
+
+
+def dequantize(q, scale, bits, group=0):
+    """The float weight a quantized one stands for."""
+    if bits == 8:
+        return q.float() * scale
+    w = unpack_int4(q).float()
+    return (w.reshape(len(w), -1, group) * scale[..., None]).reshape(len(w), -1)
+
+
+class QuantLinear(nn.Module):
+    """10.5 A Linear layer that keeps only its quantized weight (int8, or packed int4 with
+    its group scales) and computes from it: dequantize, then the matmul in the input's dtype
+    (the lesson; a fused int8 kernel would skip the float copy). `source` shares the
+    quantized tensors of another layer (the tied embedding and LM head)."""
+
+    def __init__(self, weight, bias, bits, group, source=None):
+        super().__init__()
+        self.bits, self.group = bits, group
+        if source is None:
+            q, scale = quantize_int8(weight) if bits == 8 else quantize_int4(weight, group)
+        else:
+            q, scale = source.qweight, source.scale
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def weight(self):
+        return dequantize(self.qweight, self.scale, self.bits, self.group)
+
+    def forward(self, x):
+        return F.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class QuantEmbedding(nn.Module):
+    """The token embedding read from a QuantLinear's quantized table (the tied LM head's):
+    only the rows looked up are dequantized."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, idx):
+        t = self.table
+        rows = t.qweight[idx]  # (B, T, C) int8 or (B, T, C / 2) packed
+        if t.bits == 8:
+            return rows.float() * t.scale[idx]
+        w = unpack_int4(rows.reshape(-1, rows.size(-1))).float()  # (B*T, C)
+        return (w.reshape(len(w), -1, t.group) * t.scale[idx].reshape(len(w), -1, 1)).reshape(*idx.shape, -1)
+
+
+def quant_group(model, group):
+    """The int4 group size: --quant_group if it divides every input width (else exit 2);
+    0: 128, or the largest power of two below it that divides them all (a narrow model)."""
+    widths = {m.in_features for m in model.modules() if isinstance(m, nn.Linear)}
+    if group:
+        bad = sorted(w for w in widths if w % group or group % 2)
+        if bad:
+            die(f"--quant_group {group} must be even and divide every input width ({', '.join(map(str, bad))} do not)")
+        return group
+    group = 128
+    while group > 2 and any(w % group for w in widths):
+        group //= 2
+    return group
+
+
+def quantize_model(model, bits, group):
+    """A copy of the model with every Linear layer, and the tied embedding and LM head as
+    one table, quantized to `bits` (8 or 4); norms stay float (a few hundred numbers)."""
+    model = copy.deepcopy(model).float()
+    head = QuantLinear(model.lm_head.weight.detach(), None, bits, group)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child is not model.lm_head:
+                setattr(module, name, QuantLinear(child.weight.detach(), child.bias, bits, group))
+    model.lm_head, model.wte = head, QuantEmbedding(head)
+    return model
+
+
+# ----------------------------------------------------------------------------------------
+# 10.6 The KV cache in int8
+# ----------------------------------------------------------------------------------------
+class Int8KVCache(KVCache):
+    """10.6 part03's cache (full attention), its keys and values stored in int8: each new
+    key or value vector of a head gets one float16 scale (its absmax / 127), and the cache
+    is dequantized when attended to. Per cached token and layer: 2 x kv_heads x (head_dim
+    + 2) bytes, against bf16's 2 x kv_heads x head_dim x 2."""
+
+    def __init__(self, n_layer, max_len, window=0, sink=0):
+        if window:
+            raise ValueError("the int8 KV cache is written for full attention (--window 0)")
+        super().__init__(n_layer, max_len)
+        self.k_scale, self.v_scale = [None] * n_layer, [None] * n_layer
+
+    @staticmethod
+    def quantize(x):
+        scale = (x.abs().amax(dim=-1, keepdim=True).float() / 127).clamp_min(1e-8)  # (B, H, T, 1)
+        return torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8), scale.half()
+
+    def update(self, layer, k, v, pos):
+        if self.k[layer] is None:  # (B, Hkv, max_len, hd) int8 and (B, Hkv, max_len, 1) float16
+            B, H, _, D = k.shape
+            self.k[layer] = torch.empty(B, H, self.max_len, D, dtype=torch.int8, device=k.device)
+            self.v[layer] = torch.empty_like(self.k[layer])
+            self.k_scale[layer] = torch.empty(B, H, self.max_len, 1, dtype=torch.float16, device=k.device)
+            self.v_scale[layer] = torch.empty_like(self.k_scale[layer])
+        end = self.seen + k.size(2)
+        self.k[layer][:, :, self.seen:end], self.k_scale[layer][:, :, self.seen:end] = self.quantize(k)
+        self.v[layer][:, :, self.seen:end], self.v_scale[layer][:, :, self.seen:end] = self.quantize(v)
+        keys = (self.k[layer][:, :, :end].float() * self.k_scale[layer][:, :, :end].float()).to(k.dtype)
+        values = (self.v[layer][:, :, :end].float() * self.v_scale[layer][:, :, :end].float()).to(v.dtype)
+        return keys, values, torch.arange(end, device=k.device)
+
+
+def kv_bytes_per_token(cfg, kind):
+    """Bytes the cache holds per token, over every layer: keys and values of kv_heads heads."""
+    heads, head_dim = cfg.n_kv_head or cfg.n_head, cfg.n_embd // cfg.n_head
+    per_vector = {"float32": 4 * head_dim, "bfloat16": 2 * head_dim, "int8": head_dim + 2}[kind]
+    return 2 * cfg.n_layer * heads * per_vector
+
+
+@torch.no_grad()
+def cached_loss(model, data, cfg, cache_cls, chunk=16, windows=8):
+    """Validation loss (nats per token) computed through a KV cache: each window of
+    block_size tokens goes in chunks of `chunk`, every chunk attending to the keys and values
+    cached before it, so a lossy cache shows in the loss."""
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    x, y = get_batch(data, windows, cfg.block_size, "cpu", gen)
+    cache, losses = cache_cls(cfg.n_layer, cfg.block_size), []
+    for start in range(0, cfg.block_size, chunk):
+        logits = model(x[:, start:start + chunk], cache=cache)[0]
+        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y[:, start:start + chunk].flatten()))
+    return float(torch.stack(losses).mean())
+
+
+# ----------------------------------------------------------------------------------------
+# 10.7 Compression: low-rank factors, and a smaller student distilled from the model
+# ----------------------------------------------------------------------------------------
+class LowRankLinear(nn.Module):
+    """10.7 W (out, in) ~ U_r S_r V_r^T by truncated SVD: two smaller layers, in -> r -> out,
+    r (in + out) weights instead of in x out. At full rank it is W again (to rounding)."""
+
+    def __init__(self, linear, rank):
+        super().__init__()
+        U, S, Vh = torch.linalg.svd(linear.weight.detach().double(), full_matrices=False)
+        self.down = nn.Linear(linear.in_features, rank, bias=False)
+        self.up = nn.Linear(rank, linear.out_features, bias=linear.bias is not None)
+        root = S[:rank].sqrt()  # the singular values split between the two factors
+        self.down.weight.data = (root[:, None] * Vh[:rank]).float()
+        self.up.weight.data = (U[:, :rank] * root).float()
+        if linear.bias is not None:
+            self.up.bias.data = linear.bias.detach().clone()
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
+def svd_rank(weight, energy=0.0, rank=0):
+    """The rank that keeps `energy` of the squared singular values (or `rank` itself);
+    a rank <= 0 or above min(out, in) is a ValueError."""
+    limit = min(weight.shape)
+    if rank:
+        if not 0 < rank <= limit:
+            raise ValueError(f"rank {rank} of a {tuple(weight.shape)} matrix must be in 1..{limit}")
+        return rank
+    s2 = torch.linalg.svdvals(weight.detach().double()) ** 2
+    return int((s2.cumsum(0) / s2.sum() < energy).sum()) + 1
+
+
+def factorize_model(model, energy=0.0, rank=0):
+    """A copy of the model with every block's projection matrices (attention and MLP)
+    replaced by their truncated SVD; the embedding and its tied head stay whole."""
+    model = copy.deepcopy(model)
+    for block in model.h:
+        for module in list(block.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(module, name, LowRankLinear(child, svd_rank(child.weight, energy, rank)))
+    return model
+
+
+def distillation_loss(student_logits, teacher_logits, temperature):
+    """10.7 Hinton et al.'s knowledge distillation: KL(teacher || student) between the two
+    distributions softened by the temperature, times T^2 (so that the gradient keeps its
+    size as T grows); zero when the student's logits are the teacher's."""
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return F.kl_div(s.flatten(0, -2), t.flatten(0, -2), log_target=True, reduction="batchmean") * temperature ** 2
+
+
+class Distilled(nn.Module):
+    """A student that learns from its teacher as train() trains any model: forward(idx,
+    targets) -> (logits, loss), the loss alpha x distillation_loss + (1 - alpha) x the
+    cross-entropy on the text itself (Hinton et al.'s weighted sum: the teacher's soft
+    targets say which wrong tokens are nearly right, the text keeps the student honest
+    where the teacher is wrong). The frozen teacher is kept out of the student's parameters
+    and checkpoints."""
+
+    def __init__(self, student, teacher, temperature, alpha=0.5):
+        super().__init__()
+        self.student, self.temperature, self.alpha = student, temperature, alpha
+        self.teacher = [teacher.eval().requires_grad_(False)]
+
+    num_params, moe_layers, active_params = GPT.num_params, GPT.moe_layers, GPT.active_params
+    router_loss, router_figures = GPT.router_loss, GPT.router_figures
+
+    @property
+    def cfg(self):
+        return self.student.cfg
+
+    def flops_per_token(self):
+        return self.student.flops_per_token() + self.teacher[0].flops_per_token() / 3  # + the teacher's forward
+
+    def forward(self, idx, targets=None):
+        logits = self.student(idx)[0]
+        if targets is None:
+            return logits, None
+        with torch.no_grad():
+            teacher = self.teacher[0](idx)[0]
+        V = self.student.cfg.vocab_size
+        soft = distillation_loss(logits[..., :V], teacher[..., :V], self.temperature)
+        hard = F.cross_entropy(logits[..., :V].float().flatten(0, 1), targets.flatten())
+        return logits, self.alpha * soft + (1 - self.alpha) * hard
+
+
+# ----------------------------------------------------------------------------------------
 # 10 The lessons: each trains its models in run folders of its own and returns its figures
 # ----------------------------------------------------------------------------------------
 LESSON_RUNS = {"boundless": ("tokens-bpe", "tokens-boundless"), "patches": ("entropy", "latent", "tokens-bpe"),
-               "lcm": (), "poincare": ()}
+               "lcm": (), "poincare": (), "quant": ("tokens-bpe", "student", "scratch")}
 
 
 def lesson_run(cfg, name, **changes):
@@ -3240,7 +3517,103 @@ def poincare_lesson(cfg, text, device, dtype, trained):
     return figures
 
 
-LESSONS = {"boundless": boundless_lesson, "patches": patches_lesson, "lcm": lcm_lesson, "poincare": poincare_lesson}
+def saved_bytes(state):
+    """The size of a state dict as torch.save writes it."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getbuffer().nbytes
+
+
+@torch.no_grad()
+def decode_figures(model, prompts, reference, new_tokens, dtype=torch.float32):
+    """(tokens/s of cached greedy decoding, the fraction of its tokens equal to the reference's)."""
+    with autocast_ctx("cpu", dtype), Timer() as t:
+        out = generate(model, prompts, new_tokens, temperature=0)
+    P = prompts.size(1)
+    return len(prompts) * new_tokens / t.seconds, float((out[:, P:] == reference[:, P:]).float().mean())
+
+
+def quant_lesson(cfg, text, device, dtype, trained):
+    """10.5-10.7 The BPE model of 10.1 made smaller, each way measured on the CPU against the
+    float32 model: size on disk, val bpb, tokens/s of cached greedy decoding, and agreement
+    (the fraction of greedy tokens equal to the float model's on held-out prompts); the KV
+    cache in int8; a student distilled from the model against the same student from scratch."""
+    token_model(cfg, text, "bpe", device, dtype, trained)  # trained now unless this run has
+    run = lesson_run(cfg, "tokens-bpe", tokenizer="bpe", tokenizer_file=os.path.join(
+        cfg.out_dir, "tokens-bpe", "tokenizer.json"), device="cpu", dtype="float32", compile="false")
+    tokenizer = build_tokenizer(run)
+    run = dataclasses.replace(run, vocab_size=tokenizer.vocab_size)
+    model = GPT(run)
+    model.load_state_dict(load_checkpoint(os.path.join(run.out_dir, "best.pt"), run, "cpu")["model"])
+    model.eval()
+    data, _ = load_tokens(run, tokenizer, (text, cfg.data))
+    train_data, val_data = split_data(data)
+    bytes_per_token = len(tokenizer.decode(val_data.tolist()).encode("utf-8")) / len(val_data)
+    group = quant_group(model, cfg.quant_group)
+    starts = np.linspace(0, len(val_data) - 17, 8).astype(int)  # 8 held-out prompts of 16 tokens
+    prompts = torch.from_numpy(np.stack([val_data[s:s + 16] for s in starts]).astype(np.int64))
+    reference = generate(model, prompts, cfg.decode_tokens, temperature=0)
+
+    def row(m, state, autocast=torch.float32):
+        loss = estimate_loss(m, {"val": val_data}, run, "cpu", autocast)["val"]
+        tokens_per_s, agreement = decode_figures(m, prompts, reference, cfg.decode_tokens, autocast)
+        return {"bytes": saved_bytes(state), "val_bpb": bits_per_byte(loss, bytes_per_token),
+                "tokens_per_s": tokens_per_s, "agreement": agreement}
+
+    rows = {"float32": row(model, model.state_dict()),
+            "bfloat16": row(model, copy.deepcopy(model).to(torch.bfloat16).state_dict(), torch.bfloat16)}  # (tied: one table)
+    for bits in (8, 4):
+        q = quantize_model(model, bits, group)
+        rows[f"int{bits}"] = row(q, q.state_dict())
+        save_checkpoint(os.path.join(cfg.out_dir, f"int{bits}.pt"), {"model": q.state_dict(), "config": dataclasses.asdict(
+            run), "quant": {"bits": bits, "group": group}})  # quantize_model(GPT(config), bits, group) loads it
+    with warnings.catch_warnings():  # torch.ao.quantization says it is deprecated; it is the reference
+        warnings.simplefilter("ignore")
+        import torch.ao.quantization as ao_quantization
+        reference_int8 = ao_quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, torch.qint8)
+        rows["torch_int8"] = row(reference_int8, reference_int8.state_dict())
+    try:
+        low_rank = factorize_model(model, cfg.svd_energy, cfg.svd_rank)
+    except ValueError as e:
+        die(f"--svd_rank: {e}")
+    rows["svd"] = row(low_rank, low_rank.state_dict())
+
+    # a student half as deep and wide, distilled for --max_steps against the same from scratch
+    student_cfg = dataclasses.replace(run, out_dir=cfg.out_dir, n_layer=cfg.student_layers, n_embd=cfg.student_embd,
+                                      max_seconds=0)
+    students = {}
+    for name in ("student", "scratch"):
+        torch.manual_seed(cfg.seed)
+        student = GPT(lesson_run(student_cfg, name))
+        learner = Distilled(student, model, cfg.distill_temperature, cfg.distill_alpha) if name == "student" else student
+        result = train(learner, train_data, val_data, lesson_run(student_cfg, name), "cpu", torch.float32,
+                       bytes_per_token, None, {"tokenizer": tokenizer.name})
+        if result["interrupted"]:
+            sys.exit(130)
+        students[name] = student.eval()
+    for name, student in students.items():
+        rows[name] = row(student, student.state_dict())
+    rows["student"]["params"], rows["svd"]["params"] = students["student"].num_params(), low_rank.num_params()
+
+    kv = {"float32": {"bytes_per_token": kv_bytes_per_token(run, "float32"),
+                      "val_bpb": bits_per_byte(cached_loss(model, val_data, run, KVCache), bytes_per_token)},
+          "bfloat16": {"bytes_per_token": kv_bytes_per_token(run, "bfloat16")},
+          "int8": {"bytes_per_token": kv_bytes_per_token(run, "int8"),
+                   "val_bpb": bits_per_byte(cached_loss(model, val_data, run, Int8KVCache), bytes_per_token)}}
+    base = rows["float32"]
+    print(f"10.5-10.7 the BPE model ({model.num_params():,} parameters), on the CPU; int4 groups of {group}")
+    print(f"  {'':<11} {'bytes':>10} {'size':>7} {'val bpb':>8} {'change':>8} {'tok/s':>8} {'agreement':>10}")
+    for name, r in rows.items():
+        print(f"  {name:<11} {r['bytes']:>10,} {r['bytes'] / base['bytes']:>6.1%} {r['val_bpb']:>8.4f} "
+              f"{r['val_bpb'] - base['val_bpb']:>+8.4f} {r['tokens_per_s']:>8,.0f} {r['agreement']:>10.1%}")
+    print(f"  KV cache per token: float32 {kv['float32']['bytes_per_token']:,} bytes, bf16 "
+          f"{kv['bfloat16']['bytes_per_token']:,}, int8 {kv['int8']['bytes_per_token']:,}; cached val bpb "
+          f"{kv['float32']['val_bpb']:.4f} (float32) against {kv['int8']['val_bpb']:.4f} (int8)")
+    return {**rows, "kv_cache": kv, "int4_group": group, "svd_energy": cfg.svd_energy}
+
+
+LESSONS = {"boundless": boundless_lesson, "patches": patches_lesson, "lcm": lcm_lesson, "poincare": poincare_lesson,
+           "quant": quant_lesson}
 
 
 # ----------------------------------------------------------------------------------------
@@ -3263,11 +3636,12 @@ def validate(cfg):
     in_range(cfg, 1, None, "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
              "max_steps", "eval_interval", "eval_iters", "log_interval", "num_samples", "grad_accum",
              "ckpt_interval", "moe_every", "entropy_layers", "entropy_embd", "local_layers", "concept_layers",
-             "sentence_batch", "autoencoder_steps", "poincare_epochs", "poincare_batch", "negatives")
+             "sentence_batch", "autoencoder_steps", "poincare_epochs", "poincare_batch", "negatives",
+             "decode_tokens", "student_layers", "student_embd")
     in_range(cfg, 0, None, "n_kv_head", "window", "sink", "max_seconds", "grad_clip", "weight_decay",
              "max_new_tokens", "temperature", "top_k", "warmup_steps", "min_lr", "n_experts",
              "expert_hidden", "n_shared_experts", "capacity_factor", "aux_loss_coef", "z_loss_coef",
-             "balance_rate", "patch_rise", "burn_in", "autoencoder_seconds")
+             "balance_rate", "patch_rise", "burn_in", "autoencoder_seconds", "quant_group", "svd_rank")
     in_range(cfg, 2, None, "concept_dim")
     in_range(cfg, 3, None, "lcm_context")
     in_range(cfg, 8, None, "sentence_len")
@@ -3276,6 +3650,18 @@ def validate(cfg):
         die("--learning_rate and --dist_timeout must be positive")
     if cfg.dim != 0 and cfg.dim < 2:
         die(f"--dim must be at least 2 (0: compare 2, 5 and 10), got {cfg.dim}")
+    if not 0 < cfg.svd_energy <= 1:
+        die(f"--svd_energy must be in (0, 1], got {cfg.svd_energy}")
+    if not 0 <= cfg.distill_alpha <= 1:
+        die(f"--distill_alpha must be in [0, 1], got {cfg.distill_alpha}")
+    if cfg.distill_temperature <= 0:
+        die(f"--distill_temperature must be positive, got {cfg.distill_temperature}")
+    if cfg.only in ("all", "quant"):
+        if cfg.student_embd % cfg.n_head or (cfg.student_embd // cfg.n_head) % 2:
+            die(f"--student_embd {cfg.student_embd} must split into --n_head {cfg.n_head} heads of an even size")
+        if cfg.quant_group and not cfg.n_embd % cfg.n_head:
+            with torch.device("meta"):  # the input widths of the model's layers, without memory
+                quant_group(GPT(cfg), cfg.quant_group)
     if cfg.poincare_lr <= 0:
         die(f"--poincare_lr must be positive, got {cfg.poincare_lr}")
     if cfg.hierarchy and not os.path.isfile(cfg.hierarchy):

@@ -580,3 +580,183 @@ def test_the_lcm_and_poincare_lessons_write_their_keys(name, tmp_path, shakespea
     saved = torch.load(tmp_path / "out" / "poincare.pt", weights_only=True)
     assert saved["names"][0] == "n000" and saved["poincare-2"].shape == (len(saved["names"]), 2)
     assert summary["lcm"] == lcm  # the earlier lesson's key stays
+
+
+# ---------------------------------------------------------------------------------------
+# 10.5-10.7 Quantization and compression
+# ---------------------------------------------------------------------------------------
+def tiny_bpe_gpt(mod, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = mod.Config(**{**dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=300, device="cpu",
+                               dtype="float32"), **kw})
+    model = mod.GPT(cfg)
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    return model.eval(), cfg
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_quantized_weights_come_back_within_half_a_step(name):
+    mod = load(name)
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.01, 3, 24)[:, None]
+    q, scale = mod.quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (24, 1)
+    assert ((mod.dequantize(q, scale, 8) - w).abs() <= scale / 2 + 1e-6).all()
+    assert (q.abs().amax(1) == 127).all()  # each row's largest weight uses the whole range
+    packed, scale4 = mod.quantize_int4(w, 16)
+    assert packed.dtype == torch.uint8 and packed.shape == (24, 32) and scale4.shape == (24, 4)
+    step = scale4.repeat_interleave(16, dim=1)
+    assert ((mod.dequantize(packed, scale4, 4, 16) - w).abs() <= step / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_int4_packing_round_trips_all_16_values(name):
+    mod = load(name)
+    values = torch.arange(-8, 8, dtype=torch.int8)
+    grid = torch.stack(torch.meshgrid(values, values, indexing="ij"), -1).reshape(1, -1)  # every pair, both orders
+    packed = ((grid + 8).to(torch.uint8)[:, 0::2] | ((grid + 8).to(torch.uint8)[:, 1::2] << 4))
+    assert torch.equal(mod.unpack_int4(packed), grid)
+    w = values.float()[None].repeat(3, 4) * 0.25  # values that are exact multiples of a scale of 0.25 * 8 / 7
+    packed, scale = mod.quantize_int4(w, 16)
+    assert torch.equal(mod.unpack_int4(packed), torch.round(w / scale.repeat_interleave(16, 1)).to(torch.int8))
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantized_layer_equals_dequantize_then_matmul(name, bits):
+    mod = load(name)
+    layer = torch.nn.Linear(64, 40, bias=True)
+    q = mod.QuantLinear(layer.weight.detach(), layer.bias, bits, 16)
+    x = torch.randn(5, 7, 64)
+    w = mod.dequantize(q.qweight, q.scale, bits, 16)
+    assert torch.allclose(q(x), x @ w.T + layer.bias, atol=1e-5)
+    err = (w - layer.weight).abs().max().item()
+    assert 0 < err < (0.01 if bits == 8 else 0.05)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_quantized_checkpoint_saves_loads_and_generates(name, tmp_path, capsys):
+    mod = load(name)
+    model, cfg = tiny_bpe_gpt(mod)
+    group = mod.quant_group(model, 0)
+    assert group == 32  # 128 and 64 do not divide the 32-wide inputs
+    prompt = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(1))
+    for bits in (8, 4):
+        q = mod.quantize_model(model, bits, group)
+        assert q.lm_head.qweight is q.wte.table.qweight  # one table for the tied embedding and head
+        path = tmp_path / f"int{bits}.pt"
+        mod.save_checkpoint(str(path), {"model": q.state_dict(), "config": mod.dataclasses.asdict(cfg)})
+        again = mod.quantize_model(mod.GPT(cfg), bits, group)
+        again.load_state_dict(torch.load(path, weights_only=True)["model"])
+        want = mod.generate(q, prompt, 12, temperature=0)
+        assert torch.equal(mod.generate(again, prompt, 12, temperature=0), want)
+        if bits == 8:  # (a random model's int4 copy may wander off: the lesson test measures agreement)
+            assert (mod.generate(model, prompt, 12, temperature=0)[:, 5:] == want[:, 5:]).float().mean() > 0.5
+        # a quantized file is not a float checkpoint: one line, exit 2
+        err = expect_exit_2(capsys, mod.load_checkpoint, str(path), cfg, "cpu")
+        assert "another model" in err
+    with pytest.raises(SystemExit):
+        mod.quant_group(model, 24)  # does not divide 32
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_svd_at_full_rank_is_the_layer_and_a_bad_rank_is_refused(name):
+    mod = load(name)
+    layer = torch.nn.Linear(48, 20, bias=True)
+    full = mod.LowRankLinear(layer, 20)
+    x = torch.randn(3, 48)
+    assert torch.allclose(full(x), layer(x), atol=1e-5)
+    half = mod.LowRankLinear(layer, 10)
+    assert sum(p.numel() for p in half.parameters()) == 10 * (48 + 20) + 20
+    for rank in (0, -1, 21):
+        if rank:
+            with pytest.raises(ValueError, match="rank"):
+                mod.svd_rank(layer.weight, rank=rank)
+    s2 = torch.linalg.svdvals(layer.weight.detach().double()) ** 2
+    r = mod.svd_rank(layer.weight, energy=0.5)
+    assert s2[:r].sum() / s2.sum() >= 0.5 > s2[:r - 1].sum() / s2.sum()
+    model, _ = tiny_bpe_gpt(mod)
+    factored = mod.factorize_model(model, energy=1.0)
+    idx = torch.randint(0, 300, (2, 9))
+    assert torch.allclose(factored(idx)[0], model(idx)[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_distillation_loss_is_zero_for_the_teacher_itself(name):
+    mod = load(name)
+    logits = torch.randn(2, 5, 30)
+    assert mod.distillation_loss(logits, logits, 2.0).item() == pytest.approx(0, abs=1e-6)
+    other = torch.randn(2, 5, 30)
+    loss = mod.distillation_loss(other, logits, 2.0)
+    p = torch.softmax(logits / 2, -1)
+    kl = (p * (torch.log_softmax(logits / 2, -1) - torch.log_softmax(other / 2, -1))).sum(-1).mean() * 4
+    assert loss.item() == pytest.approx(kl.item(), rel=1e-5) and loss > 0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_int8_kv_cache_is_close_to_the_float_one_at_half_of_bf16(name):
+    mod = load(name)
+    model, cfg = tiny_bpe_gpt(mod, n_embd=64, n_head=4, n_kv_head=2)
+    data = np.random.default_rng(0).integers(0, 300, 5000)
+    exact = mod.cached_loss(model, data, cfg, mod.KVCache, chunk=8, windows=4)
+    plain = mod.estimate_loss(model, {"v": data}, mod.dataclasses.replace(cfg, eval_iters=1, batch_size=4,
+                                                                            seed=cfg.seed + 1), "cpu", torch.float32)
+    assert math.isfinite(plain["v"])
+    int8 = mod.cached_loss(model, data, cfg, mod.Int8KVCache, chunk=8, windows=4)
+    assert 0 < abs(int8 - exact) < 0.02 * exact
+    # the cached loss is the uncached one: the float cache changes nothing
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    x, y = mod.get_batch(data, 4, cfg.block_size, "cpu", gen)
+    assert exact == pytest.approx(model(x, y)[1].item(), rel=1e-5)
+    assert mod.kv_bytes_per_token(cfg, "int8") == 2 * 2 * 2 * (16 + 2)  # layers x (k, v) x kv heads x (bytes + scale)
+    assert mod.kv_bytes_per_token(cfg, "int8") < 0.6 * mod.kv_bytes_per_token(cfg, "bfloat16")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_quant_lesson_table(name, tmp_path, shakespeare):
+    mod = load(name)
+    data = write(tmp_path / "t.txt", Path(shakespeare).read_text()[:200_000])
+    summary = mod.main(lesson_flags(tmp_path, data, only="quant", vocab_size=512, max_steps=60, decode_tokens=8,
+                                    student_layers=1, student_embd=16, eval_iters=2))
+    q = summary["quant"]
+    for key in ("float32", "bfloat16", "int8", "int4", "svd", "student", "scratch", "torch_int8"):
+        assert set(q[key]) >= {"bytes", "val_bpb", "tokens_per_s", "agreement"}, key
+    assert q["float32"]["agreement"] == 1.0
+    # (in a model this small the scales and the file format weigh more: the README has the default run's sizes)
+    assert q["int8"]["bytes"] < 0.35 * q["float32"]["bytes"] and q["int4"]["bytes"] < 0.25 * q["float32"]["bytes"]
+    assert q["int4"]["bytes"] < q["int8"]["bytes"] < q["torch_int8"]["bytes"] < q["float32"]["bytes"]
+    assert abs(q["int8"]["val_bpb"] - q["float32"]["val_bpb"]) < 0.01
+    assert q["kv_cache"]["int8"]["bytes_per_token"] < 0.6 * q["kv_cache"]["bfloat16"]["bytes_per_token"]
+    assert q["student"]["bytes"] == q["scratch"]["bytes"] < q["float32"]["bytes"]
+    saved = torch.load(tmp_path / "out" / "int4.pt", weights_only=True)
+    config = {k: v for k, v in saved["config"].items() if k in {f.name for f in mod.dataclasses.fields(mod.Config)}}
+    again = mod.quantize_model(mod.GPT(mod.Config(**config)), 4, saved["quant"]["group"])
+    again.load_state_dict(saved["model"])  # the file holds the whole quantized model
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("case", ["group", "svd_rank", "temperature", "energy"])
+def test_bad_quant_flags_exit_2(name, case, tmp_path, shakespeare, capsys):
+    mod = load(name)
+    flags = {"group": dict(quant_group=24), "svd_rank": dict(svd_rank=-2), "temperature": dict(distill_temperature=0),
+             "energy": dict(svd_energy=1.5)}[case]
+    err = expect_exit_2(capsys, mod.main, lesson_flags(tmp_path, shakespeare, only="quant", **flags))
+    assert f"--{next(iter(flags))}" in err, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_distilled_students_loss_weighs_the_teacher_and_the_text(name):
+    mod = load(name)
+    teacher, cfg = tiny_bpe_gpt(mod, seed=0)
+    student, _ = tiny_bpe_gpt(mod, seed=1)
+    idx, targets = torch.randint(0, 300, (2, 9)), torch.randint(0, 300, (2, 9))
+    s, t = student(idx)[0][..., :300], teacher(idx)[0][..., :300]
+    soft = mod.distillation_loss(s, t, 2.0)
+    hard = torch.nn.functional.cross_entropy(s.flatten(0, 1), targets.flatten())
+    for alpha in (0.0, 0.3, 1.0):
+        loss = mod.Distilled(student, teacher, 2.0, alpha)(idx, targets)[1]
+        assert loss.item() == pytest.approx((alpha * soft + (1 - alpha) * hard).item(), rel=1e-5)
+    wrapped = mod.Distilled(student, teacher, 2.0)
+    assert not any(k.startswith("teacher") for k in wrapped.state_dict())
+    assert wrapped.num_params() == student.num_params()
