@@ -2074,433 +2074,6 @@ def generate_batch(model, prompts, max_new_tokens, stop_id, pad_id, temperature=
 
 
 # ----------------------------------------------------------------------------------------
-# 4.6 Hugging Face interop: the Llama / Mixtral format
-# ----------------------------------------------------------------------------------------
-# With RoPE, RMSNorm, SwiGLU, grouped-query attention and a tied head this GPT *is* Llama:
-# only the names and the layout of a few matrices differ. --export_hf writes the folder that
-# transformers, vLLM and llama.cpp's converter read; --init_from reads such a folder back.
-# The MoE is Mixtral's: a softmax router, top-k, the chosen gates renormalized.
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-ROPE_BASE, RMS_EPS = 10000.0, 1e-6  # what rope_angles and RMSNorm use
-HF_ARCHITECTURES = {  # the ones read, with what transformers assumes where config.json is silent
-    "LlamaForCausalLM": {"model_type": "llama", "rope_theta": 1e4, "rms_norm_eps": 1e-6,
-                         "num_key_value_heads": None, "sliding_window": None},
-    "MistralForCausalLM": {"model_type": "mistral", "rope_theta": 1e4, "rms_norm_eps": 1e-6,
-                           "num_key_value_heads": 8, "sliding_window": 4096},  # Llama + a sliding window
-    "MixtralForCausalLM": {"model_type": "mixtral", "rope_theta": 1e6, "rms_norm_eps": 1e-5,
-                           "num_key_value_heads": 8, "sliding_window": None},  # + an MoE in every block
-}
-
-
-def save_safetensors(path, tensors):
-    """The safetensors format: 8 bytes (a little-endian u64) giving the header's length, the
-    header (JSON: name -> dtype, shape and [begin, end) byte offsets into the data), then the
-    tensors' raw little-endian bytes back to back. Reading it runs no code, unlike a pickle."""
-    dtype_names = {t: name for name, t in SAFETENSORS_DTYPES.items()}
-    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, t in tensors.items():
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)  # spaces: the data starts 8-byte aligned
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(len(head).to_bytes(8, "little") + head)
-        for t in tensors.values():  # memory order is the file's order on x86 and ARM (little-endian)
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-
-
-def load_safetensors(path):
-    """Read a safetensors file, trusting nothing in it: the header's length, then each
-    tensor's dtype, shape and offsets are checked against the file's size before anything is
-    allocated or read, and the tensors must tile the data exactly, as the format requires."""
-    def bad(msg):
-        die(f"{path}: {msg}")
-
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            if size < 8:
-                bad(f"truncated: {size} bytes, less than the 8 that give the header's length")
-            n = int.from_bytes(f.read(8), "little")
-            if n > size - 8 or n > 100_000_000:
-                bad(f"truncated or not safetensors: the header claims {n:,} bytes, {size - 8:,} follow")
-            try:
-                header = json.loads(f.read(n))
-            except ValueError:  # UnicodeDecodeError too
-                header = None
-            if not isinstance(header, dict):
-                bad("the header is not a JSON object")
-            header.pop("__metadata__", None)
-            entries, data_size = [], size - 8 - n
-            for name, e in header.items():
-                shape, offsets = (e.get("shape"), e.get("data_offsets")) if isinstance(e, dict) else (0, 0)
-                if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
-                        and all(type(x) is int and x >= 0 for x in shape + offsets)):
-                    bad(f"tensor {name}: a malformed header entry")
-                dtype = SAFETENSORS_DTYPES.get(e["dtype"]) if isinstance(e.get("dtype"), str) else None
-                if dtype is None:
-                    bad(f"tensor {name} has dtype {e.get('dtype')}; this part reads {', '.join(SAFETENSORS_DTYPES)}")
-                (begin, end), nbytes = offsets, math.prod(shape) * dtype.itemsize
-                if end - begin != nbytes:
-                    bad(f"tensor {name}: shape {shape} in {e['dtype']} takes {nbytes:,} bytes, "
-                        f"its offsets [{begin}, {end}) say {end - begin:,}")
-                entries.append((begin, end, name, dtype, shape))
-            at = 0
-            for begin, end, name, _, _ in sorted(entries):  # back to back: no gap, no overlap
-                if begin != at or end > data_size:
-                    bad(f"tensor {name} lies at bytes [{begin}, {end}) of {data_size:,} bytes of data "
-                        f"(expected to start at {at}): truncated, or a header that lies")
-                at = end
-            if at != data_size:
-                bad(f"{data_size - at:,} bytes after the last tensor: not the file the header describes")
-            tensors = {}
-            for begin, end, name, dtype, shape in sorted(entries):
-                f.seek(8 + n + begin)
-                buf = bytearray(f.read(end - begin))
-                if len(buf) != end - begin:
-                    bad("the file shrank while being read")
-                flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-                tensors[name] = flat.view(shape)
-    except OSError as e:
-        bad(f"cannot be read ({type(e).__name__}: {e})")
-    return tensors
-
-
-def bytes_to_unicode():
-    """GPT-2's printable stand-in for each byte, which is how tokenizer.json writes byte-level
-    tokens as text: printable Latin-1 bytes stand for themselves, the 68 others for U+0100 on."""
-    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    others = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(others)}}
-
-
-def hf_tokenizer_json(tokenizer):
-    """Our tokenizer in the `tokenizers` JSON format: a byte-level BPE whose ids 0-255 are the
-    bytes, then one token per merge in rank order (merge i makes id 256 + i), then the special
-    tokens; our split regex runs first. The byte tokenizer: the 256 bytes, nothing else."""
-    b2u = bytes_to_unicode()
-    text = {i: b2u[i] for i in range(256)}  # id -> its bytes, written as stand-in characters
-    merges, special = [], getattr(tokenizer, "special", {})
-    for (a, b), new in sorted(getattr(tokenizer, "merges", {}).items(), key=lambda kv: kv[1]):
-        text[new] = text[a] + text[b]
-        merges.append(f"{text[a]} {text[b]}")
-    vocab = {t: i for i, t in text.items()}
-    if len(vocab) != len(text):
-        die("--export_hf: two merges of this tokenizer make the same bytes; tokenizer.json maps text to one id")
-    steps = [{"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]
-    if isinstance(tokenizer, BPETokenizer):
-        split = {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated", "invert": False}
-        steps.insert(0, split)
-    return {"version": "1.0", "truncation": None, "padding": None,
-            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                              "normalized": False, "special": True} for s, i in special.items()],
-            "normalizer": None, "pre_tokenizer": {"type": "Sequence", "pretokenizers": steps},
-            "post_processor": None, "decoder": steps[-1],  # the stand-ins back to bytes
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                      "ignore_merges": False, "vocab": vocab, "merges": merges}}
-
-
-def tokenizer_from_hf(obj, where):
-    """The inverse of hf_tokenizer_json: a tokenizer.json of that shape -> ByteTokenizer or
-    BPETokenizer. Other shapes (GPT-2's, Llama's and SmolLM's vocabularies number their tokens
-    in another order; some normalize, or add tokens) get one line saying what differs."""
-    def bad(msg):
-        die(f"{where}: {msg}, which this part's BPETokenizer cannot represent")
-
-    try:
-        model, vocab = obj["model"], obj["model"]["vocab"]
-        pre = obj.get("pre_tokenizer") or {}
-        *split, last = (pre.get("pretokenizers") or [{}]) if pre.get("type") == "Sequence" else [pre]
-        options = ("dropout", "unk_token", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback",
-                   "ignore_merges")
-        if model.get("type") != "BPE" or any(model.get(k) for k in options) or obj.get("normalizer") \
-                or obj.get("post_processor"):
-            bad("not a plain byte-level BPE (a normalizer, a post-processor, an unknown token or dropout)")
-        b2u = bytes_to_unicode()
-        if any(vocab.get(b2u[b]) != b for b in range(256)):
-            bad("ids 0-255 are not the 256 bytes in order")
-        one_regex = len(split) <= 1 and all(s.get("type") == "Split" and s.get("behavior") == "Isolated"
-                                            and not s.get("invert") and "Regex" in s.get("pattern", {}) for s in split)
-        if not (one_regex and last.get("type") == "ByteLevel" and last.get("add_prefix_space") is False
-                and last.get("use_regex") is False):
-            bad("its pre-tokenizer is not one split regex (Isolated) then a byte-level step without a regex")
-        pairs = []
-        for i, m in enumerate(model.get("merges") or []):
-            a, b = m.split(" ") if isinstance(m, str) else m
-            ids = vocab.get(a), vocab.get(b), vocab.get(a + b)
-            if ids[2] != 256 + i or not all(isinstance(j, int) and j < 256 + i for j in ids[:2]):
-                bad(f"merge {i} ({a} {b}) does not make id {256 + i} from earlier ids")
-            pairs.append(ids[:2])
-        if len(vocab) != 256 + len(pairs):
-            bad(f"{len(vocab) - 256 - len(pairs)} tokens of its vocabulary come from no merge")
-        added = sorted(obj.get("added_tokens") or [], key=lambda t: t["id"])
-        flags = ("normalized", "lstrip", "rstrip", "single_word")
-        if [t["id"] for t in added] != list(range(len(vocab), len(vocab) + len(added))) or not all(
-                t.get("special") and not any(t.get(k) for k in flags) for t in added):
-            bad("its added tokens are not special tokens numbered after the merges")
-        special = [t["content"] for t in added]
-    except (TypeError, KeyError, ValueError, AttributeError) as e:
-        die(f"{where} is not a tokenizers JSON file ({type(e).__name__}: {e})")
-    if not split:
-        if pairs:
-            bad("merges without a split regex")
-        return ByteTokenizer(special)
-    return BPETokenizer(pairs, special, split[0]["pattern"]["Regex"])
-
-
-def hf_tensors(model, rows=None):
-    """Our parameters under Hugging Face's names, each a view in the layout of HF's Linear
-    weights, (out, in): writing into a view writes into our parameter (load_hf does that).
-    rows: the embedding rows (default: the tokenizer's vocabulary; the padding stays home)."""
-    C, kv = model.cfg.n_embd, model.h[0].attn.kv_dim
-    out = {"model.embed_tokens.weight": model.wte.weight[:rows or model.cfg.vocab_size]}  # lm_head: tied
-    for i, block in enumerate(model.h):
-        p = f"model.layers.{i}."
-        q, k, v = block.attn.c_attn.weight.split([C, kv, kv])  # (C + 2*kv, C): the rows of q, then k, then v
-        out.update({p + "input_layernorm.weight": block.ln_1.weight, p + "self_attn.q_proj.weight": q,
-                    p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
-                    p + "self_attn.o_proj.weight": block.attn.c_proj.weight,
-                    p + "post_attention_layernorm.weight": block.ln_2.weight, **hf_mlp_tensors(block.mlp, p)})
-    out["model.norm.weight"] = model.ln_f.weight
-    return out
-
-
-def hf_mlp_tensors(mlp, p):
-    if isinstance(mlp, MoE):  # Mixtral: w1 = gate, w3 = up, w2 = down; x @ w here is x @ W.T there
-        h, out = mlp.w_out.size(1), {p + "block_sparse_moe.gate.weight": mlp.router.weight}  # (E, C)
-        for e in range(mlp.n_experts):
-            q = f"{p}block_sparse_moe.experts.{e}."
-            out.update({q + "w1.weight": mlp.w_in[e, :, :h].T, q + "w3.weight": mlp.w_in[e, :, h:].T,
-                        q + "w2.weight": mlp.w_out[e].T})  # (C, 2h) -> 2 x (h, C); (h, C) -> (C, h)
-        return out
-    gate, up = mlp.c_fc.weight.chunk(2)  # (2h, C) -> 2 x (h, C): c_fc's output is [gate | up]
-    return {p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-            p + "mlp.down_proj.weight": mlp.c_proj.weight}
-
-
-def hf_refusal(cfg):
-    """What in this model the Llama format cannot express, in one line (None: nothing)."""
-    if cfg.tokenizer == "boundless":
-        return "--tokenizer boundless: a Hugging Face tokenizer.json cannot merge across pretokens"
-    if cfg.pos != "rope":
-        return f"--pos {cfg.pos}: Llama's positions are RoPE only"
-    if cfg.norm != "rmsnorm":
-        return f"--norm {cfg.norm}: Llama normalizes with RMSNorm"
-    if cfg.mlp != "swiglu" and not (cfg.n_experts and cfg.moe_every == 1):  # (experts are SwiGLU)
-        return f"--mlp {cfg.mlp}: Llama's MLP is SwiGLU"
-    if cfg.bias:
-        return "--bias: Llama's Linear layers and norms have no biases"
-    if cfg.sink:
-        return "--sink: Mistral's sliding window has no attention sink"
-    if cfg.n_experts:  # Mixtral routes by softmax, top-k, the k gates renormalized; nothing else
-        if cfg.moe_top_k == 1:
-            return "--moe_top_k 1: Mixtral renormalizes the chosen gates, so one expert's gate would be 1, not p"
-        if cfg.balance != "aux":
-            return f"--balance {cfg.balance}: Mixtral's router chooses by probability alone"
-        if cfg.capacity_factor > 0:
-            return "--capacity_factor: Mixtral drops no assignment"
-        if cfg.n_shared_experts:
-            return "--n_shared_experts: Mixtral has no shared experts"
-        if cfg.moe_every > 1:
-            return "--moe_every: every Mixtral block is an MoE"
-    return None
-
-
-def hf_config(cfg, tokenizer):
-    """config.json: LlamaForCausalLM, or MistralForCausalLM for a sliding window. The RoPE
-    base and the RMSNorm epsilon are written out (the defaults differ between models), and
-    so are bos/eos: <|endoftext|> for BPE, none for bytes (Llama's default, 1 and 2, would
-    be two bytes). vocab_size is the tokenizer's: generation can never pick a padding id."""
-    eos = getattr(tokenizer, "special", {}).get("<|endoftext|>")
-    config = {"architectures": ["MistralForCausalLM" if cfg.window else "LlamaForCausalLM"],
-              "model_type": "mistral" if cfg.window else "llama", "vocab_size": cfg.vocab_size,
-              "hidden_size": cfg.n_embd, "intermediate_size": swiglu_hidden(cfg.n_embd),
-              "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-              "num_key_value_heads": cfg.n_kv_head or cfg.n_head, "head_dim": cfg.n_embd // cfg.n_head,
-              "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": RMS_EPS,
-              "rope_theta": ROPE_BASE, "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_BASE},
-              "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-              "tie_word_embeddings": True, "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": None,
-              "initializer_range": 0.02, "use_cache": True, "dtype": "float32"}
-    if cfg.window:  # Mistral's mask: key j is seen from query i when i - window < j <= i, as ours
-        config["sliding_window"] = cfg.window
-    if cfg.n_experts:
-        config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", intermediate_size=expert_hidden(cfg),
-                      num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.moe_top_k,
-                      sliding_window=cfg.window or None, router_jitter_noise=0.0, output_router_logits=False,
-                      router_aux_loss_coef=cfg.aux_loss_coef)
-    return config
-
-
-def export_hf(model, tokenizer, path):
-    """4.6 --export_hf DIR: config.json, model.safetensors (float32), tokenizer.json,
-    tokenizer_config.json and generation_config.json."""
-    why = hf_refusal(model.cfg)
-    if any(m.expert_offset.any() for m in model.moe_layers()):
-        why = "the routers carry routing offsets (trained with --balance aux_free); Mixtral's have none"
-    if why:
-        die(f"--export_hf: {why}")
-    if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
-        die(f"--export_hf {path}: the folder holds a sharded checkpoint's index; export into another folder")
-    config, tok = hf_config(model.cfg, tokenizer), hf_tokenizer_json(tokenizer)
-    eos = next((s for s, i in getattr(tokenizer, "special", {}).items() if i == config["eos_token_id"]), None)
-    os.makedirs(path, exist_ok=True)
-    tensors = hf_tensors(model)
-    save_safetensors(os.path.join(path, "model.safetensors"), tensors)
-    write_json(os.path.join(path, "config.json"), config)
-    write_json(os.path.join(path, "tokenizer.json"), tok)
-    write_json(os.path.join(path, "tokenizer_config.json"),
-               {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.cfg.block_size,
-                "bos_token": eos, "eos_token": eos, "clean_up_tokenization_spaces": False})
-    write_json(os.path.join(path, "generation_config.json"),
-               {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]})
-    print(f"exported {path}: {config['architectures'][0]}, {sum(t.numel() for t in tensors.values()):,}"
-          f" float32 weights in model.safetensors, a {tokenizer.vocab_size}-token tokenizer.json")
-
-
-def hf_read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except FileNotFoundError:
-        die(f"{path}: no such file (a Hugging Face model folder holds config.json, "
-            "model.safetensors and tokenizer.json)")
-    except (OSError, ValueError) as e:
-        die(f"{path}: not a JSON file ({type(e).__name__}: {e})")
-    if not isinstance(obj, dict):
-        die(f"{path}: not a JSON object")
-    return obj
-
-
-def config_from_hf(config, cfg, where):
-    """config.json -> (cfg with the folder's shape, which replaces the shape flags; the
-    embedding's rows), or one line saying what in it this part cannot express."""
-    def bad(msg):
-        die(f"{where}: {msg}")
-
-    def positive(key, default=None):
-        v = config.get(key, default)
-        if type(v) is not int or v < 1:
-            bad(f"{key} {v!r}: expected a positive integer")
-        return v
-
-    arch = (config.get("architectures") or [None])[0]
-    if arch not in HF_ARCHITECTURES:
-        bad(f"architecture {arch!r}: this part reads {', '.join(HF_ARCHITECTURES)}")
-    known = HF_ARCHITECTURES[arch]
-    if config.get("model_type", known["model_type"]) != known["model_type"]:
-        bad(f"model_type {config.get('model_type')!r} does not go with {arch}")
-    C, H, L = positive("hidden_size"), positive("num_attention_heads"), positive("num_hidden_layers")
-    kv = config.get("num_key_value_heads", known["num_key_value_heads"])
-    kv = H if kv is None else positive("num_key_value_heads", kv)
-    if C % H or H % kv or (C // H) % 2:
-        bad(f"hidden_size {C}, {H} heads, {kv} key/value heads: heads must split C evenly, in even widths")
-    if config.get("head_dim") not in (None, C // H):
-        bad(f"head_dim {config['head_dim']}: this part's heads are hidden_size / num_attention_heads = {C // H}")
-    if config.get("hidden_act", "silu") not in ("silu", "swish"):
-        bad(f"hidden_act {config['hidden_act']!r}: this part's SwiGLU gates with silu")
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        bad("attention_bias / mlp_bias: this part's Linear layers have no biases")
-    rope = config.get("rope_parameters") or {}
-    if config.get("rope_scaling") or not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()) \
-            or rope.get("rope_type", "default") != "default" or rope.get("partial_rotary_factor", 1) != 1:
-        bad(f"RoPE {config.get('rope_scaling') or rope}: this part's RoPE rotates every feature, unscaled")
-    theta = rope.get("rope_theta", config.get("rope_theta", known["rope_theta"]))
-    if theta != ROPE_BASE:
-        bad(f"rope_theta {theta}: this part's RoPE base is {ROPE_BASE:g}")
-    eps = config.get("rms_norm_eps", known["rms_norm_eps"])
-    if eps != RMS_EPS:
-        bad(f"rms_norm_eps {eps}: this part's RMSNorm adds {RMS_EPS:g}")
-    window = config.get("sliding_window", known["sliding_window"]) if known["model_type"] != "llama" else None
-    if window is not None and (type(window) is not int or window < 1):
-        bad(f"sliding_window {window!r}: expected a positive integer or null")
-    shape = dict(n_layer=L, n_head=H, n_embd=C, n_kv_head=0 if kv == H else kv, pos="rope", norm="rmsnorm",
-                 mlp="swiglu", bias=False, window=window or 0, sink=0)
-    if known["model_type"] == "mixtral":
-        E, k = positive("num_local_experts", 8), positive("num_experts_per_tok", 2)
-        if not 2 <= k <= E:
-            bad(f"num_experts_per_tok {k} of {E} experts: this part's top-{k} gates match Mixtral's for 2 <= k <= E")
-        return dataclasses.replace(cfg, **shape, n_experts=E, moe_top_k=k, moe_every=1, n_shared_experts=0,
-                                   expert_hidden=positive("intermediate_size")), positive("vocab_size")
-    shape["n_experts"] = 0
-    if positive("intermediate_size") != swiglu_hidden(C):
-        bad(f"intermediate_size {config['intermediate_size']}: this part's SwiGLU is 8C/3 rounded to 64,"
-            f" {swiglu_hidden(C)} for hidden_size {C}")
-    return dataclasses.replace(cfg, **shape), positive("vocab_size")
-
-
-def read_hf_weights(path):
-    """Every tensor of a folder: model.safetensors, or the shards model.safetensors.index.json names."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if not os.path.exists(index):
-        if not os.path.exists(os.path.join(path, "model.safetensors")):
-            die(f"--init_from {path}: no model.safetensors or model.safetensors.index.json (reads safetensors only)")
-        return load_safetensors(os.path.join(path, "model.safetensors"))
-    weight_map = hf_read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict) or not all(
-            isinstance(f, str) and f == os.path.basename(f) for f in weight_map.values()):
-        die(f"{index}: its weight_map must name shard files in the folder")
-    tensors = {}
-    for shard in sorted(set(weight_map.values())):
-        tensors.update(load_safetensors(os.path.join(path, shard)))
-    if set(tensors) != set(weight_map):
-        die(f"{index}: the shards hold other tensors than its weight_map lists")
-    return tensors
-
-
-def load_hf(cfg):
-    """4.6 --init_from DIR: a local Llama / Mistral folder -> (cfg with the folder's shape,
-    its tokenizer, a GPT holding its weights). Every tensor is checked against the shapes
-    config.json implies; the padding rows of the embedding start at zero. --block_size stays
-    yours (RoPE has no position table). A training run keeps a BPE tokenizer as
-    out_dir/tokenizer.json, where --sample_only and --resume look for it."""
-    path = cfg.init_from
-    if not os.path.isdir(path):
-        die(f"--init_from {path}: no such folder")
-    where, tok_path = os.path.join(path, "config.json"), os.path.join(path, "tokenizer.json")
-    config = hf_read_json(where)
-    shaped, rows = config_from_hf(config, cfg, where)
-    tokenizer = tokenizer_from_hf(hf_read_json(tok_path), tok_path)
-    if not tokenizer.vocab_size <= rows <= padded_vocab(tokenizer.vocab_size):
-        die(f"{where}: vocab_size {rows} does not fit the {tokenizer.vocab_size} tokens of its tokenizer.json")
-    cfg = dataclasses.replace(shaped, vocab_size=tokenizer.vocab_size,
-                              tokenizer="byte" if isinstance(tokenizer, ByteTokenizer) else "bpe")
-    tensors = read_hf_weights(path)
-    embed = tensors.get("model.embed_tokens.weight")
-    model = GPT(cfg)
-    with torch.no_grad():
-        model.wte.weight[rows:].zero_()
-        for name, view in hf_tensors(model, rows).items():
-            t = tensors.pop(name, None)
-            if t is None:
-                die(f"--init_from {path}: no tensor {name}, which config.json implies")
-            if t.shape != view.shape:
-                die(f"--init_from {path}: {name} is {tuple(t.shape)}; config.json implies {tuple(view.shape)}")
-            view.copy_(t)
-    head = tensors.pop("lm_head.weight", None)
-    if not config.get("tie_word_embeddings", False) and (head is None or not torch.equal(head, embed)):
-        die(f"--init_from {path}: an untied lm_head (tie_word_embeddings false); this part ties the head"
-            " to the embedding")
-    extra = sorted(n for n in tensors if not n.endswith("rotary_emb.inv_freq"))
-    if extra:
-        die(f"--init_from {path}: {extra[0]} (and {len(extra) - 1} more) is no part of the model in config.json")
-    if not cfg.sample_only and isinstance(tokenizer, BPETokenizer):
-        saved = os.path.join(cfg.out_dir, "tokenizer.json")
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        tokenizer.save(saved)
-        cfg = dataclasses.replace(cfg, tokenizer_file=saved)
-    flags = " ".join(f"--{k} {getattr(cfg, k)}" for k in SHAPE_FIELDS if k not in ("block_size", "vocab_size")
-                     and getattr(cfg, k) != getattr(Config, k))
-    print(f"init_from {path}: {config['architectures'][0]}, {model.num_params():,} parameters, tokenizer {tokenizer.name};"
-          f" shape flags for later runs: {flags or 'none (the defaults)'}")
-    return cfg, tokenizer, model
-
-
-# ----------------------------------------------------------------------------------------
 # 10.2 Entropy patching: where a byte is hard to predict, a new patch begins
 # ----------------------------------------------------------------------------------------
 @torch.no_grad()
@@ -3337,6 +2910,8 @@ class Distilled(nn.Module):
 # ----------------------------------------------------------------------------------------
 LESSON_RUNS = {"boundless": ("tokens-bpe", "tokens-boundless"), "patches": ("entropy", "latent", "tokens-bpe"),
                "lcm": (), "poincare": (), "quant": ("tokens-bpe", "student", "scratch")}
+LESSON_FILES = {"boundless": (), "patches": ("patches.txt", "patches.png"), "lcm": ("lcm.pt",),  # in --out_dir
+                "poincare": ("poincare.pt", "poincare.png"), "quant": ("int8.pt", "int4.pt")}
 
 
 def lesson_run(cfg, name, **changes):
@@ -3617,6 +3192,433 @@ LESSONS = {"boundless": boundless_lesson, "patches": patches_lesson, "lcm": lcm_
 
 
 # ----------------------------------------------------------------------------------------
+# 4.6 Hugging Face interop: the Llama / Mixtral format
+# ----------------------------------------------------------------------------------------
+# With RoPE, RMSNorm, SwiGLU, grouped-query attention and a tied head this GPT *is* Llama:
+# only the names and the layout of a few matrices differ. --export_hf writes the folder that
+# transformers, vLLM and llama.cpp's converter read; --init_from reads such a folder back.
+# The MoE is Mixtral's: a softmax router, top-k, the chosen gates renormalized.
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+ROPE_BASE, RMS_EPS = 10000.0, 1e-6  # what rope_angles and RMSNorm use
+HF_ARCHITECTURES = {  # the ones read, with what transformers assumes where config.json is silent
+    "LlamaForCausalLM": {"model_type": "llama", "rope_theta": 1e4, "rms_norm_eps": 1e-6,
+                         "num_key_value_heads": None, "sliding_window": None},
+    "MistralForCausalLM": {"model_type": "mistral", "rope_theta": 1e4, "rms_norm_eps": 1e-6,
+                           "num_key_value_heads": 8, "sliding_window": 4096},  # Llama + a sliding window
+    "MixtralForCausalLM": {"model_type": "mixtral", "rope_theta": 1e6, "rms_norm_eps": 1e-5,
+                           "num_key_value_heads": 8, "sliding_window": None},  # + an MoE in every block
+}
+
+
+def save_safetensors(path, tensors):
+    """The safetensors format: 8 bytes (a little-endian u64) giving the header's length, the
+    header (JSON: name -> dtype, shape and [begin, end) byte offsets into the data), then the
+    tensors' raw little-endian bytes back to back. Reading it runs no code, unlike a pickle."""
+    dtype_names = {t: name for name, t in SAFETENSORS_DTYPES.items()}
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)  # spaces: the data starts 8-byte aligned
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for t in tensors.values():  # memory order is the file's order on x86 and ARM (little-endian)
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def load_safetensors(path):
+    """Read a safetensors file, trusting nothing in it: the header's length, then each
+    tensor's dtype, shape and offsets are checked against the file's size before anything is
+    allocated or read, and the tensors must tile the data exactly, as the format requires."""
+    def bad(msg):
+        die(f"{path}: {msg}")
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if size < 8:
+                bad(f"truncated: {size} bytes, less than the 8 that give the header's length")
+            n = int.from_bytes(f.read(8), "little")
+            if n > size - 8 or n > 100_000_000:
+                bad(f"truncated or not safetensors: the header claims {n:,} bytes, {size - 8:,} follow")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError:  # UnicodeDecodeError too
+                header = None
+            if not isinstance(header, dict):
+                bad("the header is not a JSON object")
+            header.pop("__metadata__", None)
+            entries, data_size = [], size - 8 - n
+            for name, e in header.items():
+                shape, offsets = (e.get("shape"), e.get("data_offsets")) if isinstance(e, dict) else (0, 0)
+                if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+                        and all(type(x) is int and x >= 0 for x in shape + offsets)):
+                    bad(f"tensor {name}: a malformed header entry")
+                dtype = SAFETENSORS_DTYPES.get(e["dtype"]) if isinstance(e.get("dtype"), str) else None
+                if dtype is None:
+                    bad(f"tensor {name} has dtype {e.get('dtype')}; this part reads {', '.join(SAFETENSORS_DTYPES)}")
+                (begin, end), nbytes = offsets, math.prod(shape) * dtype.itemsize
+                if end - begin != nbytes:
+                    bad(f"tensor {name}: shape {shape} in {e['dtype']} takes {nbytes:,} bytes, "
+                        f"its offsets [{begin}, {end}) say {end - begin:,}")
+                entries.append((begin, end, name, dtype, shape))
+            at = 0
+            for begin, end, name, _, _ in sorted(entries):  # back to back: no gap, no overlap
+                if begin != at or end > data_size:
+                    bad(f"tensor {name} lies at bytes [{begin}, {end}) of {data_size:,} bytes of data "
+                        f"(expected to start at {at}): truncated, or a header that lies")
+                at = end
+            if at != data_size:
+                bad(f"{data_size - at:,} bytes after the last tensor: not the file the header describes")
+            tensors = {}
+            for begin, end, name, dtype, shape in sorted(entries):
+                f.seek(8 + n + begin)
+                buf = bytearray(f.read(end - begin))
+                if len(buf) != end - begin:
+                    bad("the file shrank while being read")
+                flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+                tensors[name] = flat.view(shape)
+    except OSError as e:
+        bad(f"cannot be read ({type(e).__name__}: {e})")
+    return tensors
+
+
+def bytes_to_unicode():
+    """GPT-2's printable stand-in for each byte, which is how tokenizer.json writes byte-level
+    tokens as text: printable Latin-1 bytes stand for themselves, the 68 others for U+0100 on."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def hf_tokenizer_json(tokenizer):
+    """Our tokenizer in the `tokenizers` JSON format: a byte-level BPE whose ids 0-255 are the
+    bytes, then one token per merge in rank order (merge i makes id 256 + i), then the special
+    tokens; our split regex runs first. The byte tokenizer: the 256 bytes, nothing else."""
+    b2u = bytes_to_unicode()
+    text = {i: b2u[i] for i in range(256)}  # id -> its bytes, written as stand-in characters
+    merges, special = [], getattr(tokenizer, "special", {})
+    for (a, b), new in sorted(getattr(tokenizer, "merges", {}).items(), key=lambda kv: kv[1]):
+        text[new] = text[a] + text[b]
+        merges.append(f"{text[a]} {text[b]}")
+    vocab = {t: i for i, t in text.items()}
+    if len(vocab) != len(text):
+        die("--export_hf: two merges of this tokenizer make the same bytes; tokenizer.json maps text to one id")
+    steps = [{"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]
+    if isinstance(tokenizer, BPETokenizer):
+        split = {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated", "invert": False}
+        steps.insert(0, split)
+    return {"version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for s, i in special.items()],
+            "normalizer": None, "pre_tokenizer": {"type": "Sequence", "pretokenizers": steps},
+            "post_processor": None, "decoder": steps[-1],  # the stand-ins back to bytes
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": False, "vocab": vocab, "merges": merges}}
+
+
+def tokenizer_from_hf(obj, where):
+    """The inverse of hf_tokenizer_json: a tokenizer.json of that shape -> ByteTokenizer or
+    BPETokenizer. Other shapes (GPT-2's, Llama's and SmolLM's vocabularies number their tokens
+    in another order; some normalize, or add tokens) get one line saying what differs."""
+    def bad(msg):
+        die(f"{where}: {msg}, which this part's BPETokenizer cannot represent")
+
+    try:
+        model, vocab = obj["model"], obj["model"]["vocab"]
+        pre = obj.get("pre_tokenizer") or {}
+        *split, last = (pre.get("pretokenizers") or [{}]) if pre.get("type") == "Sequence" else [pre]
+        options = ("dropout", "unk_token", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback",
+                   "ignore_merges")
+        if model.get("type") != "BPE" or any(model.get(k) for k in options) or obj.get("normalizer") \
+                or obj.get("post_processor"):
+            bad("not a plain byte-level BPE (a normalizer, a post-processor, an unknown token or dropout)")
+        b2u = bytes_to_unicode()
+        if any(vocab.get(b2u[b]) != b for b in range(256)):
+            bad("ids 0-255 are not the 256 bytes in order")
+        one_regex = len(split) <= 1 and all(s.get("type") == "Split" and s.get("behavior") == "Isolated"
+                                            and not s.get("invert") and "Regex" in s.get("pattern", {}) for s in split)
+        if not (one_regex and last.get("type") == "ByteLevel" and last.get("add_prefix_space") is False
+                and last.get("use_regex") is False):
+            bad("its pre-tokenizer is not one split regex (Isolated) then a byte-level step without a regex")
+        pairs = []
+        for i, m in enumerate(model.get("merges") or []):
+            a, b = m.split(" ") if isinstance(m, str) else m
+            ids = vocab.get(a), vocab.get(b), vocab.get(a + b)
+            if ids[2] != 256 + i or not all(isinstance(j, int) and j < 256 + i for j in ids[:2]):
+                bad(f"merge {i} ({a} {b}) does not make id {256 + i} from earlier ids")
+            pairs.append(ids[:2])
+        if len(vocab) != 256 + len(pairs):
+            bad(f"{len(vocab) - 256 - len(pairs)} tokens of its vocabulary come from no merge")
+        added = sorted(obj.get("added_tokens") or [], key=lambda t: t["id"])
+        flags = ("normalized", "lstrip", "rstrip", "single_word")
+        if [t["id"] for t in added] != list(range(len(vocab), len(vocab) + len(added))) or not all(
+                t.get("special") and not any(t.get(k) for k in flags) for t in added):
+            bad("its added tokens are not special tokens numbered after the merges")
+        special = [t["content"] for t in added]
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        die(f"{where} is not a tokenizers JSON file ({type(e).__name__}: {e})")
+    if not split:
+        if pairs:
+            bad("merges without a split regex")
+        return ByteTokenizer(special)
+    return BPETokenizer(pairs, special, split[0]["pattern"]["Regex"])
+
+
+def hf_tensors(model, rows=None):
+    """Our parameters under Hugging Face's names, each a view in the layout of HF's Linear
+    weights, (out, in): writing into a view writes into our parameter (load_hf does that).
+    rows: the embedding rows (default: the tokenizer's vocabulary; the padding stays home)."""
+    C, kv = model.cfg.n_embd, model.h[0].attn.kv_dim
+    out = {"model.embed_tokens.weight": model.wte.weight[:rows or model.cfg.vocab_size]}  # lm_head: tied
+    for i, block in enumerate(model.h):
+        p = f"model.layers.{i}."
+        q, k, v = block.attn.c_attn.weight.split([C, kv, kv])  # (C + 2*kv, C): the rows of q, then k, then v
+        out.update({p + "input_layernorm.weight": block.ln_1.weight, p + "self_attn.q_proj.weight": q,
+                    p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
+                    p + "self_attn.o_proj.weight": block.attn.c_proj.weight,
+                    p + "post_attention_layernorm.weight": block.ln_2.weight, **hf_mlp_tensors(block.mlp, p)})
+    out["model.norm.weight"] = model.ln_f.weight
+    return out
+
+
+def hf_mlp_tensors(mlp, p):
+    if isinstance(mlp, MoE):  # Mixtral: w1 = gate, w3 = up, w2 = down; x @ w here is x @ W.T there
+        h, out = mlp.w_out.size(1), {p + "block_sparse_moe.gate.weight": mlp.router.weight}  # (E, C)
+        for e in range(mlp.n_experts):
+            q = f"{p}block_sparse_moe.experts.{e}."
+            out.update({q + "w1.weight": mlp.w_in[e, :, :h].T, q + "w3.weight": mlp.w_in[e, :, h:].T,
+                        q + "w2.weight": mlp.w_out[e].T})  # (C, 2h) -> 2 x (h, C); (h, C) -> (C, h)
+        return out
+    gate, up = mlp.c_fc.weight.chunk(2)  # (2h, C) -> 2 x (h, C): c_fc's output is [gate | up]
+    return {p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+            p + "mlp.down_proj.weight": mlp.c_proj.weight}
+
+
+def hf_refusal(cfg):
+    """What in this model the Llama format cannot express, in one line (None: nothing)."""
+    if cfg.tokenizer == "boundless":
+        return "--tokenizer boundless: a Hugging Face tokenizer.json cannot merge across pretokens"
+    if cfg.pos != "rope":
+        return f"--pos {cfg.pos}: Llama's positions are RoPE only"
+    if cfg.norm != "rmsnorm":
+        return f"--norm {cfg.norm}: Llama normalizes with RMSNorm"
+    if cfg.mlp != "swiglu" and not (cfg.n_experts and cfg.moe_every == 1):  # (experts are SwiGLU)
+        return f"--mlp {cfg.mlp}: Llama's MLP is SwiGLU"
+    if cfg.bias:
+        return "--bias: Llama's Linear layers and norms have no biases"
+    if cfg.sink:
+        return "--sink: Mistral's sliding window has no attention sink"
+    if cfg.n_experts:  # Mixtral routes by softmax, top-k, the k gates renormalized; nothing else
+        if cfg.moe_top_k == 1:
+            return "--moe_top_k 1: Mixtral renormalizes the chosen gates, so one expert's gate would be 1, not p"
+        if cfg.balance != "aux":
+            return f"--balance {cfg.balance}: Mixtral's router chooses by probability alone"
+        if cfg.capacity_factor > 0:
+            return "--capacity_factor: Mixtral drops no assignment"
+        if cfg.n_shared_experts:
+            return "--n_shared_experts: Mixtral has no shared experts"
+        if cfg.moe_every > 1:
+            return "--moe_every: every Mixtral block is an MoE"
+    return None
+
+
+def hf_config(cfg, tokenizer):
+    """config.json: LlamaForCausalLM, or MistralForCausalLM for a sliding window. The RoPE
+    base and the RMSNorm epsilon are written out (the defaults differ between models), and
+    so are bos/eos: <|endoftext|> for BPE, none for bytes (Llama's default, 1 and 2, would
+    be two bytes). vocab_size is the tokenizer's: generation can never pick a padding id."""
+    eos = getattr(tokenizer, "special", {}).get("<|endoftext|>")
+    config = {"architectures": ["MistralForCausalLM" if cfg.window else "LlamaForCausalLM"],
+              "model_type": "mistral" if cfg.window else "llama", "vocab_size": cfg.vocab_size,
+              "hidden_size": cfg.n_embd, "intermediate_size": swiglu_hidden(cfg.n_embd),
+              "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+              "num_key_value_heads": cfg.n_kv_head or cfg.n_head, "head_dim": cfg.n_embd // cfg.n_head,
+              "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": RMS_EPS,
+              "rope_theta": ROPE_BASE, "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_BASE},
+              "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+              "tie_word_embeddings": True, "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": None,
+              "initializer_range": 0.02, "use_cache": True, "dtype": "float32"}
+    if cfg.window:  # Mistral's mask: key j is seen from query i when i - window < j <= i, as ours
+        config["sliding_window"] = cfg.window
+    if cfg.n_experts:
+        config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", intermediate_size=expert_hidden(cfg),
+                      num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.moe_top_k,
+                      sliding_window=cfg.window or None, router_jitter_noise=0.0, output_router_logits=False,
+                      router_aux_loss_coef=cfg.aux_loss_coef)
+    return config
+
+
+def export_hf(model, tokenizer, path):
+    """4.6 --export_hf DIR: config.json, model.safetensors (float32), tokenizer.json,
+    tokenizer_config.json and generation_config.json."""
+    why = hf_refusal(model.cfg)
+    if any(m.expert_offset.any() for m in model.moe_layers()):
+        why = "the routers carry routing offsets (trained with --balance aux_free); Mixtral's have none"
+    if why:
+        die(f"--export_hf: {why}")
+    if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
+        die(f"--export_hf {path}: the folder holds a sharded checkpoint's index; export into another folder")
+    config, tok = hf_config(model.cfg, tokenizer), hf_tokenizer_json(tokenizer)
+    eos = next((s for s, i in getattr(tokenizer, "special", {}).items() if i == config["eos_token_id"]), None)
+    os.makedirs(path, exist_ok=True)
+    tensors = hf_tensors(model)
+    save_safetensors(os.path.join(path, "model.safetensors"), tensors)
+    write_json(os.path.join(path, "config.json"), config)
+    write_json(os.path.join(path, "tokenizer.json"), tok)
+    write_json(os.path.join(path, "tokenizer_config.json"),
+               {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.cfg.block_size,
+                "bos_token": eos, "eos_token": eos, "clean_up_tokenization_spaces": False})
+    write_json(os.path.join(path, "generation_config.json"),
+               {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]})
+    print(f"exported {path}: {config['architectures'][0]}, {sum(t.numel() for t in tensors.values()):,}"
+          f" float32 weights in model.safetensors, a {tokenizer.vocab_size}-token tokenizer.json")
+
+
+def hf_read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        die(f"{path}: no such file (a Hugging Face model folder holds config.json, "
+            "model.safetensors and tokenizer.json)")
+    except (OSError, ValueError) as e:
+        die(f"{path}: not a JSON file ({type(e).__name__}: {e})")
+    if not isinstance(obj, dict):
+        die(f"{path}: not a JSON object")
+    return obj
+
+
+def config_from_hf(config, cfg, where):
+    """config.json -> (cfg with the folder's shape, which replaces the shape flags; the
+    embedding's rows), or one line saying what in it this part cannot express."""
+    def bad(msg):
+        die(f"{where}: {msg}")
+
+    def positive(key, default=None):
+        v = config.get(key, default)
+        if type(v) is not int or v < 1:
+            bad(f"{key} {v!r}: expected a positive integer")
+        return v
+
+    arch = (config.get("architectures") or [None])[0]
+    if arch not in HF_ARCHITECTURES:
+        bad(f"architecture {arch!r}: this part reads {', '.join(HF_ARCHITECTURES)}")
+    known = HF_ARCHITECTURES[arch]
+    if config.get("model_type", known["model_type"]) != known["model_type"]:
+        bad(f"model_type {config.get('model_type')!r} does not go with {arch}")
+    C, H, L = positive("hidden_size"), positive("num_attention_heads"), positive("num_hidden_layers")
+    kv = config.get("num_key_value_heads", known["num_key_value_heads"])
+    kv = H if kv is None else positive("num_key_value_heads", kv)
+    if C % H or H % kv or (C // H) % 2:
+        bad(f"hidden_size {C}, {H} heads, {kv} key/value heads: heads must split C evenly, in even widths")
+    if config.get("head_dim") not in (None, C // H):
+        bad(f"head_dim {config['head_dim']}: this part's heads are hidden_size / num_attention_heads = {C // H}")
+    if config.get("hidden_act", "silu") not in ("silu", "swish"):
+        bad(f"hidden_act {config['hidden_act']!r}: this part's SwiGLU gates with silu")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        bad("attention_bias / mlp_bias: this part's Linear layers have no biases")
+    rope = config.get("rope_parameters") or {}
+    if config.get("rope_scaling") or not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()) \
+            or rope.get("rope_type", "default") != "default" or rope.get("partial_rotary_factor", 1) != 1:
+        bad(f"RoPE {config.get('rope_scaling') or rope}: this part's RoPE rotates every feature, unscaled")
+    theta = rope.get("rope_theta", config.get("rope_theta", known["rope_theta"]))
+    if theta != ROPE_BASE:
+        bad(f"rope_theta {theta}: this part's RoPE base is {ROPE_BASE:g}")
+    eps = config.get("rms_norm_eps", known["rms_norm_eps"])
+    if eps != RMS_EPS:
+        bad(f"rms_norm_eps {eps}: this part's RMSNorm adds {RMS_EPS:g}")
+    window = config.get("sliding_window", known["sliding_window"]) if known["model_type"] != "llama" else None
+    if window is not None and (type(window) is not int or window < 1):
+        bad(f"sliding_window {window!r}: expected a positive integer or null")
+    shape = dict(n_layer=L, n_head=H, n_embd=C, n_kv_head=0 if kv == H else kv, pos="rope", norm="rmsnorm",
+                 mlp="swiglu", bias=False, window=window or 0, sink=0)
+    if known["model_type"] == "mixtral":
+        E, k = positive("num_local_experts", 8), positive("num_experts_per_tok", 2)
+        if not 2 <= k <= E:
+            bad(f"num_experts_per_tok {k} of {E} experts: this part's top-{k} gates match Mixtral's for 2 <= k <= E")
+        return dataclasses.replace(cfg, **shape, n_experts=E, moe_top_k=k, moe_every=1, n_shared_experts=0,
+                                   expert_hidden=positive("intermediate_size")), positive("vocab_size")
+    shape["n_experts"] = 0
+    if positive("intermediate_size") != swiglu_hidden(C):
+        bad(f"intermediate_size {config['intermediate_size']}: this part's SwiGLU is 8C/3 rounded to 64,"
+            f" {swiglu_hidden(C)} for hidden_size {C}")
+    return dataclasses.replace(cfg, **shape), positive("vocab_size")
+
+
+def read_hf_weights(path):
+    """Every tensor of a folder: model.safetensors, or the shards model.safetensors.index.json names."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        if not os.path.exists(os.path.join(path, "model.safetensors")):
+            die(f"--init_from {path}: no model.safetensors or model.safetensors.index.json (reads safetensors only)")
+        return load_safetensors(os.path.join(path, "model.safetensors"))
+    weight_map = hf_read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(f, str) and f == os.path.basename(f) for f in weight_map.values()):
+        die(f"{index}: its weight_map must name shard files in the folder")
+    tensors = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors.update(load_safetensors(os.path.join(path, shard)))
+    if set(tensors) != set(weight_map):
+        die(f"{index}: the shards hold other tensors than its weight_map lists")
+    return tensors
+
+
+def load_hf(cfg):
+    """4.6 --init_from DIR: a local Llama / Mistral folder -> (cfg with the folder's shape,
+    its tokenizer, a GPT holding its weights). Every tensor is checked against the shapes
+    config.json implies; the padding rows of the embedding start at zero. --block_size stays
+    yours (RoPE has no position table). A training run keeps a BPE tokenizer as
+    out_dir/tokenizer.json, where --sample_only and --resume look for it."""
+    path = cfg.init_from
+    if not os.path.isdir(path):
+        die(f"--init_from {path}: no such folder")
+    where, tok_path = os.path.join(path, "config.json"), os.path.join(path, "tokenizer.json")
+    config = hf_read_json(where)
+    shaped, rows = config_from_hf(config, cfg, where)
+    tokenizer = tokenizer_from_hf(hf_read_json(tok_path), tok_path)
+    if not tokenizer.vocab_size <= rows <= padded_vocab(tokenizer.vocab_size):
+        die(f"{where}: vocab_size {rows} does not fit the {tokenizer.vocab_size} tokens of its tokenizer.json")
+    cfg = dataclasses.replace(shaped, vocab_size=tokenizer.vocab_size,
+                              tokenizer="byte" if isinstance(tokenizer, ByteTokenizer) else "bpe")
+    tensors = read_hf_weights(path)
+    embed = tensors.get("model.embed_tokens.weight")
+    model = GPT(cfg)
+    with torch.no_grad():
+        model.wte.weight[rows:].zero_()
+        for name, view in hf_tensors(model, rows).items():
+            t = tensors.pop(name, None)
+            if t is None:
+                die(f"--init_from {path}: no tensor {name}, which config.json implies")
+            if t.shape != view.shape:
+                die(f"--init_from {path}: {name} is {tuple(t.shape)}; config.json implies {tuple(view.shape)}")
+            view.copy_(t)
+    head = tensors.pop("lm_head.weight", None)
+    if not config.get("tie_word_embeddings", False) and (head is None or not torch.equal(head, embed)):
+        die(f"--init_from {path}: an untied lm_head (tie_word_embeddings false); this part ties the head"
+            " to the embedding")
+    extra = sorted(n for n in tensors if not n.endswith("rotary_emb.inv_freq"))
+    if extra:
+        die(f"--init_from {path}: {extra[0]} (and {len(extra) - 1} more) is no part of the model in config.json")
+    if not cfg.sample_only and isinstance(tokenizer, BPETokenizer):
+        saved = os.path.join(cfg.out_dir, "tokenizer.json")
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        tokenizer.save(saved)
+        cfg = dataclasses.replace(cfg, tokenizer_file=saved)
+    flags = " ".join(f"--{k} {getattr(cfg, k)}" for k in SHAPE_FIELDS if k not in ("block_size", "vocab_size")
+                     and getattr(cfg, k) != getattr(Config, k))
+    print(f"init_from {path}: {config['architectures'][0]}, {model.num_params():,} parameters, tokenizer {tokenizer.name};"
+          f" shape flags for later runs: {flags or 'none (the defaults)'}")
+    return cfg, tokenizer, model
+
+
+# ----------------------------------------------------------------------------------------
 # main: train (or resume), checkpoint, print samples
 # ----------------------------------------------------------------------------------------
 def in_range(cfg, low, high, *names):
@@ -3872,8 +3874,14 @@ def main(argv=None):
 
     lessons = list(LESSONS) if cfg.only == "all" else [cfg.only]
     writable_dir(cfg.out_dir, "--out_dir")
-    for run in dict.fromkeys(r for name in lessons for r in LESSON_RUNS[name]):  # before any work
+    found = [f for name in lessons for f in LESSON_FILES[name] if os.path.exists(os.path.join(cfg.out_dir, f))]
+    if found and not cfg.overwrite:  # before any work: a finished lesson is not run over by accident
+        die(f"--out_dir {cfg.out_dir} holds the results of an earlier run ({', '.join(found)}): pass --overwrite "
+            "to run these lessons again, or pick another --out_dir")
+    for run in dict.fromkeys(r for name in lessons for r in LESSON_RUNS[name]):
         claim_run_folder(lesson_run(cfg, run))
+    for f in found:
+        os.remove(os.path.join(cfg.out_dir, f))
     writable_dir(cfg.data_dir, "--data_dir")
     text, data_name = load_text(cfg)
     path = os.path.join(cfg.out_dir, "summary.json")

@@ -760,3 +760,18 @@ def test_the_distilled_students_loss_weighs_the_teacher_and_the_text(name):
     wrapped = mod.Distilled(student, teacher, 2.0)
     assert not any(k.startswith("teacher") for k in wrapped.state_dict())
     assert wrapped.num_params() == student.num_params()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_lessons_files_are_not_run_over_by_accident(name, tmp_path, shakespeare, capsys):
+    mod = load(name)
+    pairs, _ = closure_of_tree(depth=2)
+    tsv = write(tmp_path / "tree.tsv", "".join(f"{c}\t{a}\n" for c, a in pairs))
+    flags = lesson_flags(tmp_path, shakespeare, only="poincare", hierarchy=tsv, poincare_epochs=2, dim=2)
+    mod.main(flags)
+    before = (tmp_path / "out" / "poincare.pt").read_bytes()
+    err = expect_exit_2(capsys, mod.main, flags)
+    assert "poincare.pt" in err and "--overwrite" in err
+    assert (tmp_path / "out" / "poincare.pt").read_bytes() == before
+    mod.main(flags + ["--overwrite", "true"])  # asked for: it runs again
+    assert (tmp_path / "out" / "poincare.pt").exists()
