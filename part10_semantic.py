@@ -1333,7 +1333,10 @@ class MoE(nn.Module):
         # a gradient (a gate renormalized alone would be 1, whatever the router said)
         if self.top_k > 1:
             gate = gate / gate.sum(dim=-1, keepdim=True)
-        self.counts = torch.bincount(chosen.flatten(), minlength=self.n_experts)  # (E,)
+        # (E,) assignments per expert. Not torch.bincount: its output size depends on the
+        # data, which breaks torch.compile's graph at every MoE layer and makes a GPU wait
+        ones = torch.ones_like(chosen.flatten())
+        self.counts = ones.new_zeros(self.n_experts).scatter_add_(0, chosen.flatten(), ones)
         # Switch load-balancing loss: E * sum_i f_i * P_i, f_i = share of assignments to
         # expert i (not differentiable), P_i = its mean router probability (differentiable).
         # 1 when routing is uniform; up to E when every token goes to one expert.

@@ -661,6 +661,27 @@ def test_compiled_moe_does_not_recompile_as_routing_changes(name, monkeypatch):
     torch._dynamo.reset()
 
 
+@needs_grouped
+@pytest.mark.parametrize("name", ALL)
+def test_grouped_moe_model_compiles_to_one_graph(name):
+    """With the grouped matmul (bf16, dropless) no size in an MoE layer depends on the
+    routing, so torch.compile traces the whole model, router losses included, as one graph.
+    (torch.bincount for the expert counts broke the graph at every MoE layer.)"""
+    mod = load(name)
+    model = moe_gpt(mod, grouped_mm="true", n_layer=2, moe_every=1).train()
+    x = tokens((2, 16))
+
+    def loss(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x, x)[1] + model.router_loss()
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss)(x)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_router_losses_reach_the_router_through_the_compiled_model(name, monkeypatch):
     """The router losses are tensors the compiled forward leaves on the MoE layers; training
