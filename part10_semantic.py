@@ -3721,12 +3721,11 @@ RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "summary.json", "samples.txt
 _run_locks = {}  # lock path -> the open lock file of this process's run there
 
 
-def claim_run_folder(cfg):
-    """A run folder holds one run. A second run in it at the same time is refused (a lock
-    that lasts while this process lives), and so is a new run over an earlier one unless
-    --overwrite says to start over: its files are then removed first."""
-    writable_dir(cfg.out_dir, "--out_dir")
-    path = os.path.join(cfg.out_dir, "run.lock")
+def lock_folder(folder):
+    """A second run in `folder` at the same time is refused: a lock that lasts while this
+    process lives (part10: --out_dir's own, where the lessons' files and summary.json lie)."""
+    writable_dir(folder, "--out_dir")
+    path = os.path.join(folder, "run.lock")
     if path in _run_locks:  # an earlier main() of this process: that run is over
         _run_locks.pop(path).close()
     lock = open(path, "a+")
@@ -3737,12 +3736,19 @@ def claim_run_folder(cfg):
             lock.seek(0)
             holder = lock.read().strip() or "?"
             lock.close()
-            die(f"--out_dir {cfg.out_dir} is in use by another run (process {holder}); "
+            die(f"--out_dir {folder} is in use by another run (process {holder}); "
                 "wait for it to end or pick another --out_dir")
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
     lock.flush()
     _run_locks[path] = lock
+
+
+def claim_run_folder(cfg):
+    """A run folder holds one run. A second run in it at the same time is refused (a lock
+    that lasts while this process lives), and so is a new run over an earlier one unless
+    --overwrite says to start over: its files are then removed first."""
+    lock_folder(cfg.out_dir)
     found = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, f))]
     if found and not (cfg.overwrite or cfg.resume):
         die(f"--out_dir {cfg.out_dir} holds a run ({', '.join(found)}): pass --resume to "
@@ -3876,7 +3882,7 @@ def main(argv=None):
         return None
 
     lessons = list(LESSONS) if cfg.only == "all" else [cfg.only]
-    writable_dir(cfg.out_dir, "--out_dir")
+    lock_folder(cfg.out_dir)  # two part10 runs in one --out_dir would overwrite each other's summary.json
     found = [f for name in lessons for f in LESSON_FILES[name] if os.path.exists(os.path.join(cfg.out_dir, f))]
     if found and not cfg.overwrite:  # before any work: a finished lesson is not run over by accident
         die(f"--out_dir {cfg.out_dir} holds the results of an earlier run ({', '.join(found)}): pass --overwrite "

@@ -6,6 +6,7 @@ byte-latent model (causal, and its loss falls), and the lessons' main() with bad
 import collections
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -775,3 +776,21 @@ def test_a_lessons_files_are_not_run_over_by_accident(name, tmp_path, shakespear
     assert (tmp_path / "out" / "poincare.pt").read_bytes() == before
     mod.main(flags + ["--overwrite", "true"])  # asked for: it runs again
     assert (tmp_path / "out" / "poincare.pt").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file locks")
+@pytest.mark.parametrize("name", ALL)
+def test_a_second_run_in_the_same_out_dir_is_refused(name, tmp_path, shakespeare, capsys):
+    """Lessons without run folders of their own (lcm, poincare) share --out_dir with the
+    others: a run there at the same time would overwrite their summary.json."""
+    import fcntl
+    mod = load(name)
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / "run.lock", "w") as other:  # another process's part10 run holds the lock
+        fcntl.flock(other, fcntl.LOCK_EX)
+        other.write("4242\n")
+        other.flush()
+        err = expect_exit_2(capsys, mod.main, lesson_flags(tmp_path, shakespeare, only="poincare"))
+    assert "in use by another run" in err and "4242" in err
+    assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
