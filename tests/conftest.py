@@ -139,6 +139,17 @@ def tokens(shape, seed=1, vocab=64):
 
 
 @pytest.fixture
+def one_thread():
+    """One thread for tiny models (tests of parts 06-09 use it on every test): on a busy
+    2-core machine, OpenMP threads that wait for each other make every small op take
+    milliseconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def shakespeare():
     assert SHAKESPEARE.exists(), f"test data missing: {SHAKESPEARE}"
     return str(SHAKESPEARE)

@@ -21,17 +21,9 @@ from conftest import (SHAKESPEARE, expect_exit_2, expect_flag_error, load, part_
                       random_strings, read_metrics, read_summary, tiny_gpt, write)
 from test_part02_train import no_proxy, server  # noqa: F401 (fixtures: a local HTTP server)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
+
 SFT = part_names(6, 9)  # parts 07-09 reuse the template, tasks, batching and generation unchanged
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread for these tiny models: on a busy 2-core machine, OpenMP threads that
-    wait for each other make every small op take milliseconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(params=SFT)

@@ -20,17 +20,9 @@ import torch
 from conftest import (SHAKESPEARE, expect_exit_2, expect_flag_error, load, part_names, read_metrics,
                       read_summary, tiny_gpt, write)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
+
 REWARD = part_names(7, 9)  # parts 08-09 optimize against this reward model: its API stays
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread for these tiny models: on a busy 2-core machine, OpenMP threads that
-    wait for each other make every small op take milliseconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(params=REWARD)

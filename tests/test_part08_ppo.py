@@ -26,18 +26,10 @@ import torch.nn as nn
 from conftest import (SHAKESPEARE, config_fields, expect_exit_2, expect_flag_error, load, part_names,
                       read_metrics, read_summary, tiny_cfg, tiny_gpt, write)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
+
 PPO = part_names(8, 8)  # the critic, GAE, the value loss, the KL in the reward, --reward_source: part09 drops them
 ROLLOUT = part_names(8, 9)  # sampling, log-probs, the reward model's score: part09 keeps them
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread for these tiny models: on a busy 2-core machine, OpenMP threads that
-    wait for each other make every small op take milliseconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(params=PPO)

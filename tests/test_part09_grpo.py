@@ -24,7 +24,9 @@ import torch
 
 from conftest import (SHAKESPEARE, config_fields, expect_exit_2, expect_flag_error, load, part_names,
                       read_metrics, read_summary, tiny_cfg, write)
-from test_part08_ppo import chat_tok, check_accuracy, one_thread, policy_model, reward_model  # noqa: F401 (one_thread: autouse)
+from test_part08_ppo import chat_tok, check_accuracy, policy_model, reward_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 GRPO = part_names(9, 9)  # part10 drops the alignment stages (Replaces:)
 
