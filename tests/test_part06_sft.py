@@ -417,6 +417,28 @@ def test_bad_instruction_files_exit_2(mod, tmp_path, capsys):
         assert "f.jsonl:7" in err and word in err, err
 
 
+# 6.5 pass@k -----------------------------------------------------------------------------
+def test_pass_at_k_counts_prompts_with_a_right_answer_and_the_share_of_right_answers(mod, monkeypatch):
+    """k answers per hard prompt at temperature 1 (answer is replaced by fixed replies):
+    pass@k is the share of prompts with any right answer, "sampled" the share of right
+    answers; easy tasks stay out."""
+    prompts = {"copy": ["Repeat: ab"], "add": ["1 + 2 =", "3 + 4 ="], "multiply": ["12 * 3 ="]}
+    replies = {"1 + 2 =": ["4", "3", "3"], "3 + 4 =": ["8", "6", "9"], "12 * 3 =": ["36", "36", "63"]}
+
+    def fake_answer(model, tokenizer, conversations, cfg, dtype, temperature=0.0, generator=None):
+        assert temperature == 1.0
+        asked = [c[-1]["content"] for c in conversations]
+        assert asked == [p for p in ("1 + 2 =", "3 + 4 =", "12 * 3 =") for _ in range(3)]
+        return [replies[p][i % 3] for i, p in enumerate(asked)]
+
+    monkeypatch.setattr(mod, "answer", fake_answer)
+    model = nn.Linear(1, 1)
+    model.wte = nn.Embedding(1, 1)
+    out = mod.pass_at_k(model, None, prompts, mod.Config(), torch.float32, 3)
+    assert out == {"k": 3, "add": 0.5, "multiply": 1.0, "hard": 0.75,
+                   "sampled": {"add": pytest.approx(2 / 6), "multiply": pytest.approx(2 / 3), "hard": pytest.approx(0.5)}}
+
+
 # 6.6 LoRA -------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", ["rope", "learned"])
 def test_lora_trains_adapters_only_and_merges_exactly(mod, variant):
@@ -537,7 +559,7 @@ def tiny_run(tmp_path_factory):
 
 def test_main_writes_the_documented_summary_and_models(tiny_run):
     """main(): summary.json holds accuracy {base, sft, lora} x {every task, easy, hard,
-    overall} in [0, 1], pass@k {k, each hard task, hard}, trainable parameters (LoRA's
+    overall} in [0, 1], pass@k {k, each hard task, hard, sampled}, trainable parameters (LoRA's
     r * (in + out) sum, full = the model's), padding, speed and time; sft.pt and lora.pt
     load with load_model and reproduce the accuracy, the validation loss and the samples
     the run reported."""
@@ -551,8 +573,10 @@ def test_main_writes_the_documented_summary_and_models(tiny_run):
         assert set(row) == {*names, "easy", "hard", "overall"}
         assert all(0.0 <= v <= 1.0 for v in row.values())
         assert row["overall"] == pytest.approx(sum(row[n] for n in names) / len(names))
-    assert set(summary["pass_at_k"]) == {"k", *hard, "hard"} and summary["pass_at_k"]["k"] == 2
-    assert all(0.0 <= summary["pass_at_k"][t] <= 1.0 for t in [*hard, "hard"])
+    passed = summary["pass_at_k"]
+    assert set(passed) == {"k", *hard, "hard", "sampled"} and passed["k"] == 2
+    assert set(passed["sampled"]) == {*hard, "hard"}
+    assert all(0.0 <= passed["sampled"][t] <= passed[t] <= 1.0 for t in [*hard, "hard"])
     assert 0.0 <= summary["padding_fraction"] < 1.0
     assert summary["tokens_per_s"] > 0 and summary["wall_s"] > 0
     for name in ("sft.pt", "lora.pt", "samples.txt"):

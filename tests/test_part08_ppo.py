@@ -658,10 +658,11 @@ def check_accuracy(mod, acc):
 
 def test_main_writes_the_documented_summary_and_policy(tiny_run):
     """main(): summary.json holds gold_accuracy {sft, rl, sft_more} (every task, easy, hard,
-    overall), rm_score for the same three, kl, wall_s, rl_s and ppo (the last iteration's
-    figures, the sampler's log-probs matched); metrics.jsonl has a "ppo" row per iteration
-    and a "ppo_eval" row per evaluation; ppo.pt (iteration 2) loads with load_model and,
-    with reward.pt, reproduces the RL policy's gold accuracy and proxy score."""
+    overall), rm_score and sampled_accuracy (pass@k, the share of right samples) for the
+    same three, kl, wall_s, rl_s and ppo (the last iteration's figures, the sampler's
+    log-probs matched); metrics.jsonl has a "ppo" row per iteration and a "ppo_eval" row
+    per evaluation; ppo.pt (iteration 2) loads with load_model and, with reward.pt,
+    reproduces the RL policy's gold accuracy, sampled accuracy and proxy score."""
     mod = load("part08")
     args, out = tiny_run
     summary = read_summary(out)
@@ -672,6 +673,10 @@ def test_main_writes_the_documented_summary_and_policy(tiny_run):
     assert all(v is None or math.isfinite(v) for v in summary["rm_score"].values())
     assert math.isfinite(summary["kl"]) and summary["wall_s"] > 0 and summary["rl_s"] > 0
     ppo = summary["ppo"]
+    sampled = summary["sampled_accuracy"]  # pass@k and the share of right samples, each model
+    assert set(sampled) == {"sft", "rl", "sft_more"}
+    assert sampled["sft"] == summary["pass_at_k"]  # the same SFT model, prompts and sampler seed
+    assert all(0.0 <= v["sampled"]["hard"] <= v["hard"] <= 1.0 for v in sampled.values())
     for key in ("ppo_loss", "policy_loss", "value_loss", "clip_frac", "approx_kl", "score", "kl", "entropy", "length",
                 "explained_variance", "beta"):
         assert math.isfinite(ppo[key]), key
@@ -691,6 +696,8 @@ def test_main_writes_the_documented_summary_and_policy(tiny_run):
     _, _, rm = mod.load_model(cfg, str(out / "reward.pt"), "cpu", kind="reward")
     gold, proxy = mod.judge(policy, rm, tok, mod.eval_prompts(cfg), cfg, torch.float32)
     assert gold == pytest.approx(summary["gold_accuracy"]["rl"])
+    again = mod.pass_at_k(policy, tok, mod.eval_prompts(cfg), cfg, torch.float32, cfg.pass_k)
+    assert again == summary["sampled_accuracy"]["rl"]
     assert proxy == pytest.approx(summary["rm_score"]["rl"], abs=1e-5)
 
 

@@ -573,11 +573,12 @@ def tiny_run(request, tmp_path_factory):
 
 def test_main_writes_the_documented_summary_and_policy(tiny_run):
     """main() with --reward verifier: summary.json holds gold_accuracy {sft, rl, sft_more}
-    (every task, easy, hard, overall), rm_score (None for each: no reward model), kl,
-    flat_group_fraction in [0, 1], wall_s and grpo (the last iteration's figures, the
-    sampler's log-probs matched); metrics.jsonl has a "grpo" row per iteration and a
-    "grpo_eval" row per evaluation; no reward model is trained; grpo.pt (iteration 2) loads
-    with load_model and reproduces the RL policy's gold accuracy."""
+    (every task, easy, hard, overall), rm_score (None for each: no reward model),
+    sampled_accuracy for the same three, kl, flat_group_fraction in [0, 1], wall_s and grpo
+    (the last iteration's figures, the sampler's log-probs matched); metrics.jsonl has a
+    "grpo" row per iteration and a "grpo_eval" row per evaluation; no reward model is
+    trained; grpo.pt (iteration 2) loads with load_model and reproduces the RL policy's
+    gold and sampled accuracy."""
     mod, args, out = tiny_run
     summary = read_summary(out)
     assert set(summary["gold_accuracy"]) == {"sft", "rl", "sft_more"}
@@ -586,6 +587,10 @@ def test_main_writes_the_documented_summary_and_policy(tiny_run):
     assert summary["rm_score"] == {"sft": None, "rl": None, "sft_more": None}
     assert math.isfinite(summary["kl"]) and summary["wall_s"] > 0 and summary["rl_s"] > 0
     assert 0.0 <= summary["flat_group_fraction"] <= 1.0
+    sampled = summary["sampled_accuracy"]  # pass@k and the share of right samples, each model
+    assert set(sampled) == {"sft", "rl", "sft_more"}
+    assert sampled["sft"] == summary["pass_at_k"]  # the same SFT model, prompts and sampler seed
+    assert all(0.0 <= v["sampled"]["hard"] <= v["hard"] <= 1.0 for v in sampled.values())
     grpo = summary["grpo"]
     for key in ("grpo_loss", "clip_frac", "kl_penalty", "score", "kl", "entropy", "length", "ended"):
         assert math.isfinite(grpo[key]), key
@@ -608,6 +613,8 @@ def test_main_writes_the_documented_summary_and_policy(tiny_run):
     cfg, tok, policy = mod.load_model(mod.parse_args(args), str(out / "grpo.pt"), "cpu")
     gold, proxy = mod.judge(policy, None, tok, mod.eval_prompts(cfg), cfg, torch.float32)
     assert gold == pytest.approx(summary["gold_accuracy"]["rl"]) and proxy is None
+    again = mod.pass_at_k(policy, tok, mod.eval_prompts(cfg), cfg, torch.float32, cfg.pass_k)
+    assert again == summary["sampled_accuracy"]["rl"]
 
 
 def test_init_from_skips_pretraining(tiny_run, tmp_path):
