@@ -3803,7 +3803,7 @@ def reinforce(policy, rm, tokenizer, convs, file_prompts, cfg, device, dtype):
         control, control_run = continued_sft(sft_model, tokenizer, convs, cfg, device, dtype, run["rl_s"])
         gold["sft_more"], proxy["sft_more"] = judge(control, rm, tokenizer, eval_set, cfg, dtype)
     print_accuracy(gold)
-    # RL raises the reward of an answer sampled at temperature 1; greedy accuracy is another figure
+    # RL raises the reward of sampled answers, which greedy accuracy does not measure: judge samples too
     sampled = {name: pass_at_k(m, tokenizer, eval_set, cfg, dtype, cfg.pass_k)
                for name, m in (("sft", sft_model), ("rl", policy), ("sft_more", control)) if m is not None}
     print(f"hard tasks, {cfg.pass_k} answers per prompt at temperature 1: " + ", ".join(
