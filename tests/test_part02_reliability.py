@@ -347,11 +347,19 @@ def test_ctrl_c_while_sampling_exits_130_with_one_line(name, shakespeare, tmp_pa
                 "--n_head", "2", "--block_size", "32"]
     else:
         cmd += ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "32"]
+    # A shell's background job (`pytest &`) starts with SIGINT ignored, and children inherit
+    # that: the part is started with the default action, as a terminal would start it
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert p.stdout.readline().startswith("loaded")  # sampling has begun
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert p.stdout.readline().startswith("loaded")  # sampling has begun
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:  # a failure must not leave it sampling 100,000 tokens beside the other tests
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
     assert p.returncode == 130
     assert "Traceback" not in err and err.strip().splitlines() == ["stopped (Ctrl-C)"]
 
