@@ -4,6 +4,7 @@ mixes, each policy judged on every held-out prompt of the hard tasks it can find
 
   python bench/rl_tasks.py --init_from out/part09/sft.pt
   python bench/rl_tasks.py --init_from out/part09/sft.pt --mixes builtin --extra "--grpo_iters 300"
+  python bench/rl_tasks.py --init_from out/part09/sft.pt --device cuda
 
 Mixes: builtin (part09's own: fresh prompts of all seven tasks, each equally likely),
 add_sort (training-side prompts of add and sort alone), multiply (multiply's 667
@@ -45,12 +46,13 @@ def prompts_of(task, held_out, most, rng):
     return list(found)
 
 
-def judge(path, prompts, samples, seed):
+def judge(path, prompts, samples, seed, device):
     """Greedy exact match and (pass@samples, share of right samples) per hard task."""
-    cfg = p9.Config(device="cpu", seed=seed)
-    cfg, tokenizer, model = p9.load_model(cfg, str(path), "cpu")
-    greedy = p9.gold_accuracy(model.eval(), tokenizer, prompts, cfg, torch.float32)
-    sampled = p9.pass_at_k(model, tokenizer, prompts, cfg, torch.float32, samples)
+    cfg = p9.Config(device=device, seed=seed)
+    cfg, tokenizer, model = p9.load_model(cfg, str(path), device)
+    dtype = p9.pick_dtype("auto", device)
+    greedy = p9.gold_accuracy(model.eval(), tokenizer, prompts, cfg, dtype)
+    sampled = p9.pass_at_k(model, tokenizer, prompts, cfg, dtype, samples)
     return {"greedy": {t: greedy[t] for t in [*prompts, "hard"]}, "pass_at_k": {t: sampled[t] for t in [*prompts, "hard"]},
             "sampled": sampled["sampled"]}
 
@@ -62,8 +64,10 @@ def main():
     ap.add_argument("--most", type=int, default=200, help="held-out prompts per hard task at most")
     ap.add_argument("--samples", type=int, default=8, help="answers at temperature 1 per prompt")
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--device", default="cpu", help="for the GRPO runs and the judging")
     ap.add_argument("--extra", default="", help="flags for every GRPO run, e.g. \"--grpo_iters 300\"")
     args = ap.parse_args()
+    device = p9.pick_device(args.device)
     if not Path(args.init_from).is_file():
         sys.exit(f"error: --init_from {args.init_from} is not a file (part09's default run writes out/part09/sft.pt)")
     OUT.mkdir(parents=True, exist_ok=True)
@@ -71,9 +75,9 @@ def main():
     rng = random.Random(f"rl-tasks-{args.seed}")
     test = {t.name: prompts_of(t, True, args.most, rng) for t in hard}
     print("held-out prompts: " + ", ".join(f"{t} {len(ps)}" for t, ps in test.items()))
-    rows = {"sft": judge(args.init_from, test, args.samples, args.seed)}
+    rows = {"sft": judge(args.init_from, test, args.samples, args.seed, device)}
     for mix in args.mixes:
-        flags = ["--init_from", args.init_from, "--control", "false", "--seed", str(args.seed),
+        flags = ["--init_from", args.init_from, "--control", "false", "--seed", str(args.seed), "--device", device,
                  "--out_dir", str(OUT / mix), "--overwrite", "true", *shlex.split(args.extra)]
         if MIXES[mix]:
             path = OUT / f"{mix}.jsonl"
@@ -85,7 +89,7 @@ def main():
         with open(OUT / f"{mix}.log", "w") as log:
             subprocess.run([sys.executable, str(ROOT / "part09_grpo.py"), *flags], stdout=log,
                            stderr=subprocess.STDOUT, check=True)
-        rows[mix] = judge(OUT / mix / "grpo.pt", test, args.samples, args.seed)
+        rows[mix] = judge(OUT / mix / "grpo.pt", test, args.samples, args.seed, device)
     names = [*test, "hard"]
     print(f"\ngreedy exact match / share of right answers at temperature 1 ({args.samples} per prompt)")
     print(f"{'RL prompts':<10} " + " ".join(f"{n:>15}" for n in names))
